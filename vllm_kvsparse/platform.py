@@ -1,0 +1,165 @@
+"""The plugin's vLLM platform: vLLM's CPU platform plus the `--kv-sparsity` flags.
+
+vLLM 0.32 has no entry point for new CLI flags. Its documented hook for out-of-tree platforms,
+`Platform.pre_register_and_update(parser)`, receives the `vllm serve` parser before parsing, and
+`Platform.check_and_update_config(vllm_config)` runs while the config is built in every process.
+We use both (vllm-0.32-internals.md §1.4, route A); nothing of vLLM is patched.
+
+Flow of a setting:
+  argparse action (API server) -> _CLI (module global, because from_cli_args keeps only
+  EngineArgs fields) -> check_and_update_config -> vllm_config.additional_config (pickled to
+  engine core and workers) -> SparsityConfig.from_additional_config wherever it is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from vllm.platforms.cpu import CpuPlatform
+
+from vllm_kvsparse.config import (CONFIG_KEY, METHOD_KEY, METHODS, SparsityConfig,
+                                  SparsityConfigError, parse_config_json)
+
+logger = logging.getLogger("vllm_kvsparse")
+
+WORKER_CLS = "vllm_kvsparse.worker.KVSparseCPUWorker"
+
+# Values given on the command line, remembered by the argparse actions (API-server process).
+_CLI: dict[str, object] = {}
+# True once our flags were added to a parser: errors then exit with one line, no traceback.
+_FROM_CLI = False
+
+
+class _Remember(argparse.Action):
+    """Store the parsed value and remember it for check_and_update_config."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        _CLI[self.dest] = values
+
+
+def _config_json(text: str) -> dict:
+    """argparse type for --kv-sparsity-config: JSON object, keys and values checked now."""
+    try:
+        options = parse_config_json(text)
+        SparsityConfig.from_options("none", options)
+    except SparsityConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return options
+
+
+def add_cli_args(parser) -> None:
+    """Add the plugin's flags to a `vllm serve` parser (idempotent: the hook runs 3-4 times)."""
+    global _FROM_CLI
+    if parser is None or "--kv-sparsity" in parser._option_string_actions:
+        return
+    _FROM_CLI = True
+    group = parser.add_argument_group(
+        "vllm-kvsparse", "Token-sparse prefill and KV eviction (vllm-kvsparse plugin).")
+    group.add_argument(
+        "--kv-sparsity", choices=METHODS, default=None, action=_Remember,
+        help="KV sparsity method. 'none' (default) is stock vLLM; 'zipvl' runs ZipVL "
+             "token-sparse prefill in every decoder attention layer.")
+    group.add_argument(
+        "--kv-sparsity-config", type=_config_json, default=None, action=_Remember,
+        metavar="JSON",
+        help="Method parameters as a JSON object, e.g. "
+             '\'{"tau": 0.975, "num_recent_probes": 64, "num_random_probes": 64, '
+             '"keep_first": 4, "keep_last": 1, "scope": "all", "exempt_layers": [], '
+             '"min_prompt_len": 1024}\'. See README.')
+
+
+def resolve_config(vllm_config) -> SparsityConfig:
+    """CLI values (if any) over additional_config, validated against the model."""
+    ac = vllm_config.additional_config if isinstance(vllm_config.additional_config, dict) else {}
+    method = _CLI.get("kv_sparsity") or ac.get(METHOD_KEY)
+    options = dict(ac.get(CONFIG_KEY) or {})
+    options.update(_CLI.get("kv_sparsity_config") or {})
+    cfg = SparsityConfig.from_options(method, options)
+    if cfg.enabled:
+        cfg = cfg.for_model(vllm_config.model_config.get_num_layers(vllm_config.parallel_config))
+    return cfg
+
+
+def check_supported(vllm_config, cfg: SparsityConfig) -> None:
+    """Refuse, at start-up, settings the sparse path cannot serve correctly."""
+    if not cfg.enabled:
+        return
+    pc = vllm_config.parallel_config
+    problems = []
+    if pc.tensor_parallel_size > 1:
+        problems.append(f"--tensor-parallel-size={pc.tensor_parallel_size} (only 1 is supported)")
+    if pc.pipeline_parallel_size > 1:
+        problems.append(
+            f"--pipeline-parallel-size={pc.pipeline_parallel_size} (only 1 is supported)")
+    if vllm_config.speculative_config is not None:
+        problems.append("speculative decoding (not supported)")
+    if vllm_config.model_config.use_mla:
+        problems.append("an MLA model (only standard multi-head/GQA attention is supported)")
+    if vllm_config.kv_transfer_config is not None:
+        problems.append("a KV connector (not supported)")
+    if pc.worker_cls not in ("auto", WORKER_CLS):
+        problems.append(f"--worker-cls={pc.worker_cls} (the plugin needs its own worker)")
+    if problems:
+        raise SparsityConfigError(
+            f"kv-sparsity={cfg.method} cannot run with " + "; ".join(problems))
+
+
+def apply(vllm_config, cfg: SparsityConfig) -> None:
+    """Make vLLM's settings safe for sparse prefill and log what changed."""
+    vllm_config.additional_config.update(cfg.to_additional_config())
+    if not cfg.enabled:
+        return
+    cache, sched = vllm_config.cache_config, vllm_config.scheduler_config
+    changed = []
+    # Each prompt must be prefilled in one step: selection needs every prompt query and key
+    # in plain form (earlier chunks' K/V exist only in the ISA-packed cache).
+    if sched.enable_chunked_prefill:
+        sched.enable_chunked_prefill = False
+        changed.append("chunked prefill off")
+    max_len = vllm_config.model_config.max_model_len
+    if sched.max_num_batched_tokens < max_len:
+        sched.max_num_batched_tokens = max_len
+        sched.max_num_scheduled_tokens = max_len
+        sched.max_num_encoder_input_tokens = max(sched.max_num_encoder_input_tokens, max_len)
+        sched.encoder_cache_size = max(sched.encoder_cache_size, max_len)
+        changed.append(f"max_num_batched_tokens={max_len}")
+    # A prefix-cache hit would skip the prefill step that selects tokens.
+    if cache.enable_prefix_caching:
+        cache.enable_prefix_caching = False
+        changed.append("prefix caching off")
+    if vllm_config.parallel_config.worker_cls == "auto":
+        vllm_config.parallel_config.worker_cls = WORKER_CLS
+    # The builder reads request ids and prompt lengths from the V1 model runner's input batch.
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    if changed:
+        logger.info("vllm-kvsparse: %s; adjusted vLLM settings: %s",
+                    cfg.summary(), ", ".join(changed))
+    else:
+        logger.info("vllm-kvsparse: %s", cfg.summary())
+
+
+class KVSparseCpuPlatform(CpuPlatform):
+    """vLLM's CPU platform with the plugin's flags and start-up checks."""
+
+    @classmethod
+    def pre_register_and_update(cls, parser=None) -> None:
+        super().pre_register_and_update(parser)
+        add_cli_args(parser)
+
+    @classmethod
+    def check_and_update_config(cls, vllm_config) -> None:
+        if not isinstance(vllm_config.additional_config, dict):
+            vllm_config.additional_config = {}
+        try:
+            cfg = resolve_config(vllm_config)
+            check_supported(vllm_config, cfg)
+        except SparsityConfigError as e:
+            if _FROM_CLI:  # started from the command line: one line, no traceback, non-zero exit
+                sys.exit(f"vllm serve: error: {e}")
+            raise
+        apply(vllm_config, cfg)
+        super().check_and_update_config(vllm_config)
