@@ -1,0 +1,221 @@
+"""Paged-KV compaction after ZipVL eviction: the kept tokens' K/V move, in order, to the first
+slots of their request's blocks, so the tail blocks can be freed.
+
+GPU layout (vLLM FlashAttention): key_cache and value_cache are each
+``[num_blocks, block_size, num_kv_heads, head_dim]``; position j of request r lives in slot
+``j % block_size`` of block ``block_tables[r, j // block_size]``.
+
+Batch (shared by the reference and the Triton launcher):
+    block_tables [R, max_blocks] int   one row per request (no block shared between requests)
+    kept         [T] int               kept positions, ascending per request, packed
+    cu_kept      [R+1] int             request r's are kept[cu_kept[r]:cu_kept[r+1]]
+Effect: for each request, new position k holds what old position kept[k] held (k < t_r);
+every other slot of the cache (other requests, other blocks, positions >= t_r) is untouched.
+
+Why two launches. Kept positions are ascending, so dst k <= src kept[k], but that alone does
+not make a parallel in-place move safe: a row of an EARLY tile may read a source that a LATER
+tile overwrites (kept = [0, 5, ...] with 4-row tiles: tile 0 reads position 5, tile 1 writes
+it). Ordering tiles would serialise the copy. Instead rows are split by where their source is:
+  * source >= t_r: no move writes there (writes go to [0, t_r)), read it directly;
+  * source <  t_r and != k: "staged": copied first into a small temp buffer (launch 1);
+  * source == k: nothing to do (the untouched prefix, typically the attention sinks).
+Launch 2 then writes every moving row from temp or from a never-written source, so all its
+programs are independent. Extra traffic is only the staged rows (about a fraction t/n of the
+moved ones when kept positions are spread uniformly).
+
+CPU layout (vLLM CPU backend): ``[num_blocks, num_kv_heads, block_size, 2*head_dim]`` per layer
+with an ISA-specific element order inside each (block, head) tile, so only WHOLE blocks can be
+moved there without knowing the packing: `compact_blocks_reference`. Token-granular compaction on
+CPU re-writes the kept tokens through vLLM's own `cpu_attn_reshape_and_cache` op (glue layer).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU runtime without triton: the references below still work
+    triton = tl = None
+
+
+# ----------------------------------------------------------------------------- torch references
+
+
+def flat_slots(block_tables: torch.Tensor, request: torch.Tensor, pos: torch.Tensor,
+               block_size: int) -> torch.Tensor:
+    """Flat slot ids ``block * block_size + pos % block_size`` for (request, position) pairs."""
+    blocks = block_tables.long()[request.long(), pos.long() // block_size]
+    return blocks * block_size + pos.long() % block_size
+
+
+def compaction_plan(kept: torch.Tensor, cu_kept: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per packed row: request id, destination position, source (-1 when the row does not
+    move) and temp index (-1 when the row is not staged). All on kept's device, no sync."""
+    device = kept.device
+    cu = cu_kept.to(device).long()
+    counts = cu[1:] - cu[:-1]
+    total = kept.numel()
+    request = torch.repeat_interleave(torch.arange(counts.numel(), device=device), counts,
+                                      output_size=total)
+    dst = torch.arange(total, device=device) - cu[request]
+    src = kept.long()
+    moves = src != dst
+    staged = moves & (src < counts[request])
+    stage_idx = torch.where(staged, torch.cumsum(staged, 0) - 1, -1)
+    return dict(request=request, dst=dst, src=torch.where(moves, src, -1), stage_idx=stage_idx,
+                num_staged=staged.sum())
+
+
+def check_compaction_args(block_tables: torch.Tensor, kept: torch.Tensor, cu_kept: torch.Tensor,
+                          block_size: int) -> None:
+    """One-line ValueErrors for malformed batches (costs a device sync: call it in tests or
+    debug runs, not on the hot path)."""
+    cu = cu_kept.tolist()
+    if cu[0] != 0 or cu[-1] != kept.numel() or any(b < a for a, b in zip(cu, cu[1:])):
+        raise ValueError(f"cu_kept {cu} does not partition {kept.numel()} kept positions")
+    if len(cu) - 1 != block_tables.shape[0]:
+        raise ValueError(f"{len(cu) - 1} requests in cu_kept but {block_tables.shape[0]} "
+                         f"block table rows")
+    capacity = block_tables.shape[1] * block_size
+    for r, (a, b) in enumerate(zip(cu, cu[1:])):
+        row = kept[a:b].long()
+        if row.numel() and (int(row.min()) < 0 or int(row.max()) >= capacity):
+            raise ValueError(f"request {r}: kept position outside [0, {capacity})")
+        if row.numel() > 1 and not bool((row[1:] > row[:-1]).all()):
+            raise ValueError(f"request {r}: kept positions must be strictly ascending")
+
+
+def compact_kv_reference(key_cache: torch.Tensor, value_cache: torch.Tensor,
+                         block_tables: torch.Tensor, kept: torch.Tensor,
+                         cu_kept: torch.Tensor) -> None:
+    """In-place torch version: gather every kept row, then scatter (the gather copies first,
+    so overlapping sources and destinations are safe)."""
+    block_size = key_cache.shape[1]
+    check_compaction_args(block_tables, kept, cu_kept, block_size)
+    plan = compaction_plan(kept.to(key_cache.device), cu_kept)
+    tables = block_tables.to(key_cache.device)
+    src = flat_slots(tables, plan["request"], kept.to(key_cache.device), block_size)
+    dst = flat_slots(tables, plan["request"], plan["dst"], block_size)
+    for cache in (key_cache, value_cache):
+        flat = cache.view(-1, *cache.shape[2:])
+        flat[dst] = flat[src]
+
+
+def compact_blocks_reference(kv_cache: torch.Tensor, block_table_row: torch.Tensor,
+                             src_blocks: torch.Tensor, dst_blocks: torch.Tensor) -> None:
+    """Whole-block compaction, layout-agnostic (dim 0 of ``kv_cache`` is the block): logical
+    block ``src_blocks[i]`` of the request moves to logical block ``dst_blocks[i]``.
+
+    ``dst_blocks`` must be strictly ascending with ``dst <= src``. Then a move never reads a
+    block an earlier move wrote (later sources are >= their destination > earlier
+    destinations), so "all reads, then all writes" equals the in-order sequential copy.
+    Works for vLLM's CPU cache ``[num_blocks, num_kv_heads, block_size, 2*head_dim]``."""
+    src, dst = src_blocks.long(), dst_blocks.long()
+    if src.shape != dst.shape or src.dim() != 1:
+        raise ValueError(f"src_blocks {tuple(src.shape)} and dst_blocks {tuple(dst.shape)} "
+                         f"must be 1-D of equal length")
+    if bool((dst > src).any()):
+        raise ValueError("each dst block must be <= its src block")
+    if dst.numel() > 1 and not bool((dst[1:] > dst[:-1]).all()):
+        raise ValueError("dst_blocks must be strictly ascending")
+    table = block_table_row.to(kv_cache.device).long()
+    moving = src != dst
+    if moving.any():
+        kv_cache[table[dst[moving]]] = kv_cache[table[src[moving]]]
+
+
+# ----------------------------------------------------------------------------- Triton
+
+if triton is not None:
+
+    @triton.jit
+    def _slot_offsets(bt_ptr, stride_bt, request, pos, mask, block_size, stride_block,
+                      stride_slot):
+        page = tl.load(bt_ptr + request.to(tl.int64) * stride_bt + pos // block_size, mask=mask,
+                       other=0).to(tl.int64)
+        return page * stride_block + (pos % block_size).to(tl.int64) * stride_slot
+
+    @triton.jit
+    def _stage_kernel(cache_ptr, temp_ptr, bt_ptr, request_ptr, src_ptr, stage_ptr,
+                      total, width, block_size, stride_bt, stride_block, stride_slot,
+                      stride_head, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_W: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        col_off = (cols // HEAD_DIM) * stride_head + cols % HEAD_DIM
+        stage = tl.load(stage_ptr + rows, mask=rows < total, other=-1)
+        mask = (rows < total) & (stage >= 0)
+        request = tl.load(request_ptr + rows, mask=mask, other=0)
+        src = tl.load(src_ptr + rows, mask=mask, other=0)
+        offs = _slot_offsets(bt_ptr, stride_bt, request, src, mask, block_size, stride_block,
+                             stride_slot)
+        both = mask[:, None] & (cols[None, :] < width)
+        data = tl.load(cache_ptr + offs[:, None] + col_off[None, :], mask=both)
+        tl.store(temp_ptr + stage.to(tl.int64)[:, None] * width + cols[None, :], data, mask=both)
+
+    @triton.jit
+    def _move_kernel(cache_ptr, temp_ptr, bt_ptr, request_ptr, src_ptr, dst_ptr, stage_ptr,
+                     total, width, block_size, stride_bt, stride_block, stride_slot,
+                     stride_head, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK_W: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        col_off = (cols // HEAD_DIM) * stride_head + cols % HEAD_DIM
+        col_mask = cols[None, :] < width
+        src = tl.load(src_ptr + rows, mask=rows < total, other=-1)
+        moving = (rows < total) & (src >= 0)
+        stage = tl.load(stage_ptr + rows, mask=moving, other=-1)
+        request = tl.load(request_ptr + rows, mask=moving, other=0)
+        dst = tl.load(dst_ptr + rows, mask=moving, other=0)
+        direct = moving & (stage < 0)
+        src_off = _slot_offsets(bt_ptr, stride_bt, request, src, direct, block_size,
+                                stride_block, stride_slot)
+        from_cache = tl.load(cache_ptr + src_off[:, None] + col_off[None, :],
+                             mask=direct[:, None] & col_mask)
+        from_temp = tl.load(temp_ptr + stage.to(tl.int64)[:, None] * width + cols[None, :],
+                            mask=(stage >= 0)[:, None] & col_mask)
+        data = tl.where(direct[:, None], from_cache, from_temp)
+        dst_off = _slot_offsets(bt_ptr, stride_bt, request, dst, moving, block_size,
+                                stride_block, stride_slot)
+        tl.store(cache_ptr + dst_off[:, None] + col_off[None, :], data,
+                 mask=moving[:, None] & col_mask)
+
+
+def compact_kv_triton(key_cache: torch.Tensor, value_cache: torch.Tensor,
+                      block_tables: torch.Tensor, kept: torch.Tensor, cu_kept: torch.Tensor,
+                      block_r: int = 32, block_w: int = 256) -> None:
+    """Triton version of `compact_kv_reference` (in place). One host sync: the temp size."""
+    if triton is None:
+        raise RuntimeError("compact_kv_triton needs triton, which is not importable")
+    if kept.numel() == 0:
+        return
+    device = key_cache.device
+    plan = compaction_plan(kept.to(device), cu_kept)
+    num_staged = int(plan["num_staged"])
+    as_i32 = {k: v.to(torch.int32).contiguous() for k, v in plan.items() if k != "num_staged"}
+    tables = block_tables.to(device=device, dtype=torch.int32)
+    total = kept.numel()
+    for cache in (key_cache, value_cache):
+        cache = _as_bits(cache)     # moves are bit copies: any dtype (bf16, fp8) moves exactly
+        block_size, num_kv_heads, head_dim = cache.shape[1:]
+        if cache.stride(3) != 1:
+            raise ValueError("cache must be contiguous in head_dim")
+        width = num_kv_heads * head_dim
+        temp = torch.empty(max(num_staged, 1), width, dtype=cache.dtype, device=device)
+        grid = (triton.cdiv(total, block_r), triton.cdiv(width, block_w))
+        common = (total, width, block_size, tables.stride(0), cache.stride(0), cache.stride(1),
+                  cache.stride(2))
+        consts = dict(HEAD_DIM=head_dim, BLOCK_R=block_r, BLOCK_W=block_w)
+        if num_staged:
+            _stage_kernel[grid](cache, temp, tables, as_i32["request"], as_i32["src"],
+                                as_i32["stage_idx"], *common, **consts)
+        _move_kernel[grid](cache, temp, tables, as_i32["request"], as_i32["src"], as_i32["dst"],
+                           as_i32["stage_idx"], *common, **consts)
+
+
+def _as_bits(cache: torch.Tensor) -> torch.Tensor:
+    """Same memory viewed as a same-width integer dtype."""
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[cache.element_size()]
+    return cache.view(bits)
