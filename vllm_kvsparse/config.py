@@ -48,6 +48,8 @@ class SparsityConfig:
     seed: seed of the random probe positions (reproducible selections).
     record_dir: debug only. When set, each worker appends one JSON line per (request, layer)
         with the kept set to `record_dir/kept-<pid>.jsonl`.
+    record_tensors: debug only (needs record_dir). Also save each sparse layer's query, key,
+        value and output per request as `record_dir/tensors-<req>-layer<i>.pt`.
     """
 
     method: str = "none"
@@ -61,6 +63,7 @@ class SparsityConfig:
     min_prompt_len: int = 1024
     seed: int = 0
     record_dir: str | None = None
+    record_tensors: bool = False
     # Not settable from the config JSON: filled in at start-up from the model.
     num_layers: int | None = field(default=None, compare=False)
 
@@ -83,6 +86,10 @@ class SparsityConfig:
             raise SparsityConfigError(
                 f"kv-sparsity-config: seed={self.seed!r} is invalid; valid values are integers")
         object.__setattr__(self, "exempt_layers", _exempt_layers(self.exempt_layers))
+        if not isinstance(self.record_tensors, bool):
+            raise SparsityConfigError(
+                f"kv-sparsity-config: record_tensors={self.record_tensors!r} is invalid; "
+                "valid values are true, false")
         if self.record_dir is not None and not isinstance(self.record_dir, str):
             raise SparsityConfigError(
                 f"kv-sparsity-config: record_dir={self.record_dir!r} is invalid; "

@@ -23,7 +23,7 @@ from vllm.platforms.cpu import CpuPlatform
 from vllm_kvsparse.config import (CONFIG_KEY, METHOD_KEY, METHODS, SparsityConfig,
                                   SparsityConfigError, parse_config_json)
 
-logger = logging.getLogger("vllm_kvsparse")
+logger = logging.getLogger("vllm.kvsparse")
 
 WORKER_CLS = "vllm_kvsparse.worker.KVSparseCPUWorker"
 
@@ -47,7 +47,7 @@ def _config_json(text: str) -> dict:
         options = parse_config_json(text)
         SparsityConfig.from_options("none", options)
     except SparsityConfigError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        raise argparse.ArgumentTypeError(str(e).removeprefix("kv-sparsity-config: ")) from None
     return options
 
 

@@ -13,7 +13,7 @@ import os
 from collections import deque
 from dataclasses import asdict, dataclass
 
-logger = logging.getLogger("vllm_kvsparse")
+logger = logging.getLogger("vllm.kvsparse")
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class LayerRecord:
     num_kept: int          # |T|: p plus protected / non-candidate tokens
     probe_seconds: float   # time spent scoring probes and selecting
     kept: list[int] | None = None  # the kept positions, only when recording to a directory
+    visual_ranges: list[list[int]] | None = None  # image/video placeholder [start, end)s, idem
 
     @property
     def kept_ratio(self) -> float:

@@ -29,7 +29,7 @@ from vllm_kvsparse import runtime
 from vllm_kvsparse.attention.sparse_prefill import SparsePrefill
 from vllm_kvsparse.config import SparsityConfig
 
-logger = logging.getLogger("vllm_kvsparse")
+logger = logging.getLogger("vllm.kvsparse")
 
 _LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
 
@@ -140,16 +140,24 @@ class KVSparseCPUAttentionImpl(CPUAttentionBackendImpl):
         if sparse_prefill is None:  # exempt layer: dense for everyone
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                    output_scale, output_block_scale)
-        if plan.dense_md is not None:
+        # Select first: a row whose selection keeps every token is plain dense attention, and
+        # runs through vLLM's kernel so its output is bit-identical to stock vLLM.
+        selections = [sparse_prefill.select(row.req_id, query[row.start:row.end],
+                                            key[row.start:row.end], row.num_prompt,
+                                            row.visual_ranges) for row in plan.sparse_rows]
+        partial = [(row, sel) for row, sel in zip(plan.sparse_rows, selections)
+                   if not sel.keeps_all]
+        if len(partial) < len(plan.sparse_rows):   # vLLM's kernel for every row, then overwrite
+            super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
+        elif plan.dense_md is not None:            # vLLM's kernel for the dense rows only
             tokens = plan.dense_tokens
             dense_out = torch.empty_like(output[tokens])
             super().forward(layer, query[tokens], key[tokens], value[tokens], kv_cache,
                             plan.dense_md, dense_out)
             output[tokens] = dense_out
-        for row in plan.sparse_rows:
+        for row, sel in partial:
             s, e = row.start, row.end
-            output[s:e] = sparse_prefill(row.req_id, query[s:e], key[s:e], value[s:e],
-                                         row.num_prompt, row.visual_ranges)
+            output[s:e] = sparse_prefill.attend(sel, query[s:e], key[s:e], value[s:e])
         return output
 
     def _sparse_prefill_for(self, layer) -> SparsePrefill | None:

@@ -1,12 +1,14 @@
 """ZipVL sparse prefill of one request in one layer: the device-independent part of the glue.
 
-Calls the pure selection math (vllm_kvsparse.zipvl) and the attention kernels
-(vllm_kvsparse.kernels), and records the kept set. Shared by the CPU backend and the GPU one.
+Calls the pure selection math (vllm_kvsparse.zipvl) and the attention kernels, and records the
+kept set. Shared by the CPU backend and, later, the GPU one.
 """
 
 from __future__ import annotations
 
+import os
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -24,6 +26,18 @@ def recorder(cfg: SparsityConfig) -> Recorder:
     return _RECORDER
 
 
+@dataclass
+class RowSelection:
+    req_id: str
+    num_prompt: int
+    indices: torch.Tensor   # kept prompt positions, ascending
+    record: LayerRecord
+
+    @property
+    def keeps_all(self) -> bool:
+        return self.indices.numel() == self.num_prompt
+
+
 class SparsePrefill:
     def __init__(self, cfg: SparsityConfig, layer_idx: int, scale: float):
         self.cfg = cfg
@@ -31,10 +45,10 @@ class SparsePrefill:
         self.scale = scale
         self.recorder = recorder(cfg)
 
-    def __call__(self, req_id: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                 num_prompt: int, visual_ranges) -> torch.Tensor:
-        """query [t, H, D], key/value [t, Hkv, D] of one request, prompt = the first num_prompt
-        rows (t > num_prompt only when a preempted request is recomputed). Returns [t, H, D]."""
+    def select(self, req_id: str, query: torch.Tensor, key: torch.Tensor, num_prompt: int,
+               visual_ranges) -> RowSelection:
+        """ZipVL's important set over the first num_prompt rows of one request's
+        query [t, H, D] / key [t, Hkv, D] (t > num_prompt only for a recomputed request)."""
         n = num_prompt
         t0 = time.perf_counter()
         candidates = runtime.visual_mask(n, visual_ranges) if self.cfg.scope == "visual" else None
@@ -43,18 +57,36 @@ class SparsePrefill:
             num_random=self.cfg.num_random_probes, keep_first=self.cfg.keep_first,
             keep_last=self.cfg.keep_last, scale=self.scale, seed=self.cfg.seed,
             candidate_mask=candidates)
-        probe_seconds = time.perf_counter() - t0
+        record = LayerRecord(
+            req_id=req_id, layer=self.layer_idx, num_tokens=n,
+            num_important=sel.num_important, num_kept=int(sel.indices.numel()),
+            probe_seconds=time.perf_counter() - t0,
+            kept=sel.indices.tolist() if self.recorder.wants_indices else None,
+            visual_ranges=[list(r) for r in visual_ranges] if self.recorder.wants_indices
+            else None)
+        self.recorder.add(record)
+        return RowSelection(req_id, n, sel.indices, record)
+
+    def attend(self, sel: RowSelection, query: torch.Tensor, key: torch.Tensor,
+               value: torch.Tensor) -> torch.Tensor:
+        """Attention output [t, H, D] of one request: prompt rows in T attend to T (causal by
+        original position), other prompt rows are zero, recomputed output rows attend densely."""
+        n = sel.num_prompt
         out = torch.empty_like(query)
         out[:n] = zipvl.sparse_prefill_attention_reference(
             query[:n], key[:n], value[:n], sel.indices, self.scale)
         if query.shape[0] > n:
             out[n:] = _dense_tail(query, key, value, n, self.scale)
-        self.recorder.add(LayerRecord(
-            req_id=req_id, layer=self.layer_idx, num_tokens=n,
-            num_important=sel.num_important, num_kept=int(sel.indices.numel()),
-            probe_seconds=probe_seconds,
-            kept=sel.indices.tolist() if self.recorder.wants_indices else None))
+        if self.cfg.record_dir and self.cfg.record_tensors:
+            self._save_tensors(sel, query, key, value, out)
         return out
+
+    def _save_tensors(self, sel, query, key, value, out) -> None:
+        """Debug: the inputs and output of this layer's sparse prefill, for reference checks."""
+        path = os.path.join(self.cfg.record_dir,
+                            f"tensors-{sel.req_id}-layer{self.layer_idx}.pt")
+        torch.save({"query": query, "key": key, "value": value, "output": out,
+                    "kept": sel.indices, "scale": self.scale}, path)
 
 
 def _dense_tail(query, key, value, start: int, scale: float) -> torch.Tensor:

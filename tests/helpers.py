@@ -1,0 +1,165 @@
+"""Shared test helpers: a real `vllm serve` process, a real offline vLLM engine, test images.
+
+Every server runs on loopback on a free port with its own TMPDIR and caches, and is stopped by
+its process group id even when the test fails.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+OFFLINE_RUNNER = REPO / "tests" / "e2e" / "offline_run.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def isolated_env(workdir: Path, plugins: bool = True, **extra: str) -> dict[str, str]:
+    """Environment for one vLLM process tree: own temp dir and caches, no hub, no plugin
+    leftovers from the caller."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("VLLM_", "PROMETHEUS_MULTIPROC"))}
+    env.update(TMPDIR=str(workdir), VLLM_CACHE_ROOT=str(workdir / "vllm-cache"),
+               VLLM_RPC_BASE_PATH=str(workdir), HF_HOME=str(workdir / "hf"),
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
+               VLLM_ALLOW_INSECURE_SERIALIZATION="1")
+    if not plugins:
+        env["VLLM_PLUGINS"] = "none-at-all"  # loads no plugin: stock vLLM
+    env.update(extra)
+    return env
+
+
+SERVE_DEFAULTS = ["--dtype", "bfloat16", "--max-model-len", "2048", "--max-num-seqs", "4",
+                  "--enforce-eager", "--kv-cache-memory-bytes", str(64 << 20),
+                  "--limit-mm-per-prompt", '{"image": 2, "video": 0}']
+
+
+class VllmServer:
+    """`vllm serve MODEL ARGS` as a context manager; `.url`, `.log()`."""
+
+    def __init__(self, model: str, args: list[str], workdir: Path, plugins: bool = True,
+                 startup_timeout: float = 240, env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.workdir = workdir
+        self.log_path = workdir / "server.log"
+        self.cmd = [str(BIN / "vllm"), "serve", model, "--host", "127.0.0.1",
+                    "--port", str(self.port), *SERVE_DEFAULTS, *args]
+        self.env = isolated_env(workdir, plugins, **(env or {}))
+        self.startup_timeout = startup_timeout
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "VllmServer":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self._wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _wait_healthy(self) -> None:
+        deadline = time.time() + self.startup_timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {self.proc.returncode}:\n"
+                                   + self.log()[-4000:])
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        raise TimeoutError("vllm serve did not become healthy:\n" + self.log()[-4000:])
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        pgid = os.getpgid(self.proc.pid)
+        os.killpg(pgid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(pgid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        try:  # children that outlived the parent
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._log.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def client(self):
+        from openai import OpenAI
+        return OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def run_offline(spec: dict, workdir: Path, plugins: bool = True, timeout: float = 600) -> dict:
+    """Run tests/e2e/offline_run.py (a real vLLM engine in a fresh process) on `spec`."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec_path, out_path = workdir / "spec.json", workdir / "out.json"
+    spec_path.write_text(json.dumps(spec))
+    env = isolated_env(workdir, plugins)
+    if spec.get("uni", True):
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    proc = subprocess.run([sys.executable, str(OFFLINE_RUNNER), str(spec_path), str(out_path)],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"offline run failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+    return json.loads(out_path.read_text())
+
+
+def test_image(size=(448, 448), seed: int = 0):
+    """A deterministic synthetic picture (PIL image)."""
+    import random
+
+    from PIL import Image, ImageDraw
+    rng = random.Random(seed)
+    img = Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3)))
+    draw = ImageDraw.Draw(img)
+    for _ in range(6):
+        x0, y0 = rng.randrange(size[0]), rng.randrange(size[1])
+        x1, y1 = x0 + rng.randrange(1, size[0] // 2 + 2), y0 + rng.randrange(1, size[1] // 2 + 2)
+        draw.rectangle([x0, y0, x1, y1], fill=tuple(rng.randrange(256) for _ in range(3)))
+    return img
+
+
+def image_data_url(img) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def chat_image(client, img, question: str = "What is in this image?", max_tokens: int = 16,
+               **kw):
+    model = client.models.list().data[0].id
+    return client.chat.completions.create(
+        model=model, max_tokens=max_tokens, temperature=0, seed=0, **kw,
+        messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": image_data_url(img)}},
+            {"type": "text", "text": question}]}])
