@@ -100,7 +100,7 @@ def compact_kv_reference(key_cache: torch.Tensor, value_cache: torch.Tensor,
     dst = flat_slots(tables, plan["request"], plan["dst"], block_size)
     for cache in (key_cache, value_cache):
         flat = cache.view(-1, *cache.shape[2:])
-        flat[dst] = flat[src]
+        flat.index_copy_(0, dst, flat.index_select(0, src))   # select copies first
 
 
 def compact_blocks_reference(kv_cache: torch.Tensor, block_table_row: torch.Tensor,
@@ -123,7 +123,7 @@ def compact_blocks_reference(kv_cache: torch.Tensor, block_table_row: torch.Tens
     table = block_table_row.to(kv_cache.device).long()
     moving = src != dst
     if moving.any():
-        kv_cache[table[dst[moving]]] = kv_cache[table[src[moving]]]
+        kv_cache.index_copy_(0, table[dst[moving]], kv_cache.index_select(0, table[src[moving]]))
 
 
 # ----------------------------------------------------------------------------- Triton
