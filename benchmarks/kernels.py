@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout too
 try:
@@ -89,11 +90,15 @@ def timed(fn, device, warmup, iters) -> float:
 
 
 def dense_causal(q, k, v):
-    """[n, H, d] causal attention via SDPA (FlashAttention backend on GPU), GQA expanded."""
+    """[n, H, d] causal attention via SDPA with native GQA. On CUDA the FlashAttention backend
+    is forced, so an unsupported case raises instead of silently timing a slower backend."""
     group = q.shape[1] // k.shape[1]
-    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
-                                         v.transpose(0, 1)[None], is_causal=True,
-                                         enable_gqa=group > 1)
+    backends = [SDPBackend.FLASH_ATTENTION] if q.is_cuda else [SDPBackend.FLASH_ATTENTION,
+                                                                SDPBackend.MATH]
+    with sdpa_kernel(backends):
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                             v.transpose(0, 1)[None], is_causal=True,
+                                             enable_gqa=group > 1)
     return out[0].transpose(0, 1)
 
 

@@ -300,14 +300,15 @@ def select_important_tokens_varlen(query: torch.Tensor, key: torch.Tensor,
 
 def sparse_prefill_attention_reference(query: torch.Tensor, key: torch.Tensor,
                                        value: torch.Tensor, indices: torch.Tensor,
-                                       scale: float | None = None,
-                                       chunk: int = 1024) -> torch.Tensor:
+                                       scale: float | None = None) -> torch.Tensor:
     """Token-sparse causal attention (step 8): queries in ``indices`` attend to keys in
     ``indices`` at original positions <= their own. Rows not in ``indices`` are zero.
 
     query [n, H, d], key [n, Hkv, d], value [n, Hkv, dv], indices LongTensor [t] ascending.
-    fp32 math, output [n, H, dv] in query's dtype. Query rows go ``chunk`` at a time so memory
-    is O(H * chunk * t)."""
+    fp32 math, output [n, H, dv] in query's dtype. Implemented as gather -> causal SDPA on the
+    kept rows (fp32, GQA) -> scatter: T is ascending, so causality by original position is
+    causality by rank within T, and SDPA's fused CPU/GPU kernels never build the [t, t]
+    matrix."""
     n, num_heads, num_kv_heads, head_dim = _check_qk(query, key)
     if value.dim() != 3 or value.shape[:2] != key.shape[:2]:
         raise ValueError(f"value must be [n, num_kv_heads, dv] matching key {tuple(key.shape)}, "
@@ -318,21 +319,11 @@ def sparse_prefill_attention_reference(query: torch.Tensor, key: torch.Tensor,
     if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
         raise ValueError("indices must be strictly ascending")
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    group = num_heads // num_kv_heads
     out = torch.zeros(n, num_heads, value.shape[2], dtype=query.dtype, device=query.device)
     if indices.numel() == 0:
         return out
-    # T is ascending, so causality by original position == causality by rank within T.
-    k = key[indices].float().repeat_interleave(group, dim=1).transpose(0, 1)    # [H, t, d]
-    v = value[indices].float().repeat_interleave(group, dim=1).transpose(0, 1)  # [H, t, dv]
-    q_all = query[indices].float().transpose(0, 1)                              # [H, t, d]
-    t = indices.numel()
-    for start in range(0, t, chunk):
-        stop = min(start + chunk, t)
-        logits = torch.matmul(q_all[:, start:stop], k[:, :stop].transpose(1, 2)) * scale
-        rows = torch.arange(start, stop, device=query.device)[:, None]
-        logits.masked_fill_(torch.arange(stop, device=query.device)[None, :] > rows,
-                            float("-inf"))
-        o = torch.matmul(torch.softmax(logits, dim=-1), v[:, :stop])           # [H, c, dv]
-        out[indices[start:stop]] = o.transpose(0, 1).to(query.dtype)
+    q, k, v = (x[indices].float().transpose(0, 1) for x in (query, key, value))   # [h, t, d]
+    attn = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=True, scale=scale, enable_gqa=num_heads != num_kv_heads)
+    out[indices] = attn.transpose(0, 1).to(query.dtype)
     return out

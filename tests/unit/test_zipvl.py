@@ -277,7 +277,7 @@ def test_sparse_prefill_reference_matches_oracle():
     g = torch.Generator().manual_seed(16)
     q, k, v = (torch.randn(40, h, 16, generator=g) for h in (4, 2, 2))
     indices = [0, 3, 4, 9, 17, 18, 30, 39]
-    out = sparse_prefill_attention_reference(q, k, v, torch.tensor(indices), chunk=3)
+    out = sparse_prefill_attention_reference(q, k, v, torch.tensor(indices))
     torch.testing.assert_close(out.double(), sparse_oracle(q, k, v, indices, 0.25),
                                rtol=1e-5, atol=1e-6)
     assert (out[[j for j in range(40) if j not in indices]] == 0).all()
@@ -286,7 +286,7 @@ def test_sparse_prefill_reference_matches_oracle():
 def test_sparse_prefill_all_kept_is_dense_causal():
     g = torch.Generator().manual_seed(17)
     q, k, v = (torch.randn(70, h, 32, generator=g) for h in (8, 2, 2))
-    out = sparse_prefill_attention_reference(q, k, v, torch.arange(70), chunk=16)
+    out = sparse_prefill_attention_reference(q, k, v, torch.arange(70))
     dense = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(0, 1), k.repeat_interleave(4, 1).transpose(0, 1),
         v.repeat_interleave(4, 1).transpose(0, 1), is_causal=True).transpose(0, 1)
