@@ -134,7 +134,7 @@ def run_offline(spec: dict, workdir: Path, plugins: bool = True, timeout: float 
     return json.loads(out_path.read_text())
 
 
-def test_image(size=(448, 448), seed: int = 0):
+def make_image(size=(448, 448), seed: int = 0):
     """A deterministic synthetic picture (PIL image)."""
     import random
 

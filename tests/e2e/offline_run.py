@@ -16,7 +16,7 @@ import sys
 
 def build_prompts(spec):
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-    from helpers import test_image
+    from helpers import make_image
 
     prompts = []
     for p in spec["prompts"]:
@@ -25,7 +25,7 @@ def build_prompts(spec):
             pads = "<|vision_start|><|image_pad|><|vision_end|>" * len(images)
             text = (f"<|im_start|>user\n{pads}{p.get('question', 'What is this?')}"
                     "<|im_end|>\n<|im_start|>assistant\n")
-            imgs = [test_image(tuple(i.get("size", (448, 448))), i.get("seed", 0))
+            imgs = [make_image(tuple(i.get("size", (448, 448))), i.get("seed", 0))
                     for i in images]
             prompts.append({"prompt": text,
                             "multi_modal_data": {"image": imgs if len(imgs) > 1 else imgs[0]}})

@@ -108,7 +108,7 @@ class KVSparseCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             return None, None
         lens = [qsl[i + 1] - qsl[i] for i in dense]
         tokens = torch.cat([torch.arange(qsl[i], qsl[i + 1]) for i in dense])
-        starts = torch.tensor([0] + lens, dtype=cm.query_start_loc.dtype).cumsum(0)
+        starts = torch.tensor([0] + lens).cumsum(0).to(cm.query_start_loc.dtype)
         idx = torch.tensor(dense)
         seq_lens = cm.seq_lens[idx]
         sub = cm.replace(
