@@ -46,6 +46,8 @@ class SparsityConfig:
     min_prompt_len: prompts shorter than this run dense: with few tokens the probe pass costs
         about as much as the attention it saves.
     seed: seed of the random probe positions (reproducible selections).
+    evict: after prefill, keep each layer's K/V only for its kept tokens and give the freed
+        KV-cache blocks back to vLLM (the decode-side half of ZipVL). False: prefill only.
     record_dir: debug only. When set, each worker appends one JSON line per (request, layer)
         with the kept set to `record_dir/kept-<pid>.jsonl`.
     record_tensors: debug only (needs record_dir). Also save each sparse layer's query, key,
@@ -62,6 +64,7 @@ class SparsityConfig:
     exempt_layers: tuple[int, ...] = ()
     min_prompt_len: int = 1024
     seed: int = 0
+    evict: bool = True
     record_dir: str | None = None
     record_tensors: bool = False
     # Not settable from the config JSON: filled in at start-up from the model.
@@ -86,10 +89,11 @@ class SparsityConfig:
             raise SparsityConfigError(
                 f"kv-sparsity-config: seed={self.seed!r} is invalid; valid values are integers")
         object.__setattr__(self, "exempt_layers", _exempt_layers(self.exempt_layers))
-        if not isinstance(self.record_tensors, bool):
-            raise SparsityConfigError(
-                f"kv-sparsity-config: record_tensors={self.record_tensors!r} is invalid; "
-                "valid values are true, false")
+        for name in ("evict", "record_tensors"):
+            if not isinstance(getattr(self, name), bool):
+                raise SparsityConfigError(
+                    f"kv-sparsity-config: {name}={getattr(self, name)!r} is invalid; "
+                    "valid values are true, false")
         if self.record_dir is not None and not isinstance(self.record_dir, str):
             raise SparsityConfigError(
                 f"kv-sparsity-config: record_dir={self.record_dir!r} is invalid; "
@@ -146,6 +150,10 @@ class SparsityConfig:
     def enabled(self) -> bool:
         return self.method != "none"
 
+    @property
+    def evicts(self) -> bool:
+        return self.enabled and self.evict
+
     def layer_is_sparse(self, layer_idx: int) -> bool:
         return self.enabled and layer_idx not in self.exempt_layers
 
@@ -155,7 +163,8 @@ class SparsityConfig:
         return (f"kv-sparsity={self.method} tau={self.tau} probes={self.num_recent_probes}+"
                 f"{self.num_random_probes} keep_first={self.keep_first} "
                 f"keep_last={self.keep_last} scope={self.scope} "
-                f"exempt_layers={list(self.exempt_layers)} min_prompt_len={self.min_prompt_len}")
+                f"exempt_layers={list(self.exempt_layers)} min_prompt_len={self.min_prompt_len} "
+                f"evict={self.evict}")
 
 
 def settable_keys() -> tuple[str, ...]:

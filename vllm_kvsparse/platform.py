@@ -26,6 +26,8 @@ from vllm_kvsparse.config import (CONFIG_KEY, METHOD_KEY, METHODS, SparsityConfi
 logger = logging.getLogger("vllm.kvsparse")
 
 WORKER_CLS = "vllm_kvsparse.worker.KVSparseCPUWorker"
+SCHEDULER_CLS = "vllm_kvsparse.scheduler.KVSparseScheduler"
+EVICTION_BLOCK_SIZE = 32  # finer than the CPU default 128; the CPU kernels want multiples of 32
 
 # Values given on the command line, remembered by the argparse actions (API-server process).
 _CLI: dict[str, object] = {}
@@ -103,6 +105,13 @@ def check_supported(vllm_config, cfg: SparsityConfig) -> None:
         problems.append("a KV connector (not supported)")
     if pc.worker_cls not in ("auto", WORKER_CLS):
         problems.append(f"--worker-cls={pc.worker_cls} (the plugin needs its own worker)")
+    sched_cls = vllm_config.scheduler_config.scheduler_cls
+    if cfg.evicts and sched_cls not in (None, SCHEDULER_CLS) and not (
+            isinstance(sched_cls, type) and sched_cls.__name__ == "KVSparseScheduler"):
+        problems.append(f"--scheduler-cls={sched_cls} (eviction needs the plugin's scheduler)")
+    if cfg.evicts and vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:
+        problems.append("--disable-hybrid-kv-cache-manager (eviction needs one KV-cache group "
+                        "per layer)")
     if problems:
         raise SparsityConfigError(
             f"kv-sparsity={cfg.method} cannot run with " + "; ".join(problems))
@@ -133,6 +142,8 @@ def apply(vllm_config, cfg: SparsityConfig) -> None:
         changed.append("prefix caching off")
     if vllm_config.parallel_config.worker_cls == "auto":
         vllm_config.parallel_config.worker_cls = WORKER_CLS
+    if cfg.evicts and sched.scheduler_cls is None:
+        sched.scheduler_cls = SCHEDULER_CLS
     # The builder reads request ids and prompt lengths from the V1 model runner's input batch.
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
     if changed:
@@ -162,4 +173,14 @@ class KVSparseCpuPlatform(CpuPlatform):
                 sys.exit(f"vllm serve: error: {e}")
             raise
         apply(vllm_config, cfg)
+        block_size_was_set = vllm_config.cache_config.user_specified_block_size
         super().check_and_update_config(vllm_config)
+        if cfg.evicts and not block_size_was_set:
+            # Eviction frees whole blocks: finer blocks free more (the CPU default is 128).
+            vllm_config.cache_config.block_size = EVICTION_BLOCK_SIZE
+
+    @classmethod
+    def register_custom_kv_cache_specs(cls, vllm_config) -> None:
+        super().register_custom_kv_cache_specs(vllm_config)
+        from vllm_kvsparse.kv import register_specs
+        register_specs()

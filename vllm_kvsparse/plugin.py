@@ -33,3 +33,5 @@ def register() -> None:
 
     register_backend(AttentionBackendEnum.CPU_ATTN,
                      "vllm_kvsparse.attention.cpu.KVSparseCPUAttentionBackend")
+    from vllm_kvsparse.kv import register_specs
+    register_specs()  # the worker builds KVSparseAttentionSpecs, the engine core reads them

@@ -50,3 +50,36 @@ def visual_mask(n: int, ranges: tuple[tuple[int, int], ...]) -> torch.Tensor:
     for start, end in ranges:
         mask[max(start, 0):min(end, n)] = True
     return mask
+
+
+# ---- eviction bookkeeping (worker process) --------------------------------------------------
+# req_id -> {layer_idx: (front_blocks, prompt_blocks)} for compacted layers of live requests.
+_COMPACTED: dict[str, dict[int, tuple[int, int]]] = {}
+# Block ranges to report to the scheduler after this step: req_id -> {layer: (first, last)}.
+_PENDING: dict[str, dict[int, tuple[int, int]]] = {}
+
+
+def note_compaction(req_id: str, layer_idx: int, front_blocks: int, prompt_blocks: int) -> None:
+    """Layer `layer_idx` of `req_id` now holds its kept prompt tokens in blocks [0, F); blocks
+    [F, prompt_blocks) are no longer read and are reported for freeing."""
+    _COMPACTED.setdefault(req_id, {})[layer_idx] = (front_blocks, prompt_blocks)
+    if front_blocks < prompt_blocks:
+        _PENDING.setdefault(req_id, {})[layer_idx] = (front_blocks, prompt_blocks)
+
+
+def compaction(req_id: str, layer_idx: int) -> tuple[int, int] | None:
+    return _COMPACTED.get(req_id, {}).get(layer_idx)
+
+
+def forget_request(req_id: str) -> None:
+    """A request is prefilled again (after preemption): its old compaction no longer holds."""
+    _COMPACTED.pop(req_id, None)
+
+
+def take_evictions(live_req_ids) -> dict[str, dict[int, tuple[int, int]]]:
+    """The step's block ranges to free; also drops bookkeeping of requests that are gone."""
+    global _PENDING
+    out, _PENDING = _PENDING, {}
+    for req_id in [r for r in _COMPACTED if r not in live_req_ids]:
+        del _COMPACTED[req_id]
+    return out

@@ -1,16 +1,50 @@
-"""The plugin's CPU worker: vLLM's CPUWorker that shares its model runner with the backend.
+"""The plugin's CPU worker: vLLM's CPUWorker plus three duties of the sparse path.
 
-vLLM 0.32's V1 attention metadata carries no request ids, prompt lengths or image positions
-(vllm-0.32-internals.md §4.3); the V1 runner's input batch has them, in metadata row order.
+- shares its model runner with the attention backend: vLLM 0.32's V1 attention metadata carries
+  no request ids, prompt lengths or image positions (vllm-0.32-internals.md §4.3);
+- with eviction on, declares one KV-cache group per decoder layer (KVSparseAttentionSpec);
+- attaches the step's evicted block ranges to the ModelRunnerOutput for the scheduler.
 The platform sets this class as `worker_cls` when sparsity is on.
 """
 
 from vllm.v1.worker.cpu_worker import CPUWorker
 
 from vllm_kvsparse import runtime
+from vllm_kvsparse.config import SparsityConfig
 
 
 class KVSparseCPUWorker(CPUWorker):
     def init_device(self):
         super().init_device()
         runtime.bind_runner(self.model_runner)
+        self.sparsity = SparsityConfig.from_additional_config(self.vllm_config.additional_config)
+
+    def get_kv_cache_spec(self):
+        specs = super().get_kv_cache_spec()
+        if not self.sparsity.evicts:
+            return specs
+        from vllm.model_executor.models.utils import extract_layer_index
+        from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+        from vllm_kvsparse.kv import KVSparseAttentionSpec
+        out = {}
+        for name, spec in specs.items():
+            if type(spec) is FullAttentionSpec:
+                spec = KVSparseAttentionSpec(
+                    **{f: getattr(spec, f) for f in spec.__dataclass_fields__},
+                    layer_idx=extract_layer_index(name))
+            out[name] = spec
+        return out
+
+    def execute_model(self, scheduler_output):
+        return self._attach_evictions(super().execute_model(scheduler_output))
+
+    def sample_tokens(self, grammar_output):
+        return self._attach_evictions(super().sample_tokens(grammar_output))
+
+    def _attach_evictions(self, output):
+        if output is not None and hasattr(output, "req_ids"):
+            evictions = runtime.take_evictions(self.model_runner.requests)
+            if evictions:
+                output.kvsparse_evictions = evictions
+        return output

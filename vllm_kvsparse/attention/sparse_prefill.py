@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_kvsparse import runtime, zipvl
+from vllm_kvsparse import eviction, runtime, zipvl
 from vllm_kvsparse.config import SparsityConfig
 from vllm_kvsparse.records import LayerRecord, Recorder
 
@@ -32,6 +32,8 @@ class RowSelection:
     num_prompt: int
     indices: torch.Tensor   # kept prompt positions, ascending
     record: LayerRecord
+    front_blocks: int | None = None   # with eviction: blocks [0, F) hold the kept tokens < M
+    prompt_blocks: int | None = None  # with eviction: blocks entirely inside the prompt
 
     @property
     def keeps_all(self) -> bool:
@@ -46,7 +48,7 @@ class SparsePrefill:
         self.recorder = recorder(cfg)
 
     def select(self, req_id: str, query: torch.Tensor, key: torch.Tensor, num_prompt: int,
-               visual_ranges) -> RowSelection:
+               visual_ranges, block_size: int | None = None) -> RowSelection:
         """ZipVL's important set over the first num_prompt rows of one request's
         query [t, H, D] / key [t, Hkv, D] (t > num_prompt only for a recomputed request)."""
         n = num_prompt
@@ -57,25 +59,35 @@ class SparsePrefill:
             num_random=self.cfg.num_random_probes, keep_first=self.cfg.keep_first,
             keep_last=self.cfg.keep_last, scale=self.scale, seed=self.cfg.seed,
             candidate_mask=candidates)
+        indices, front_blocks, prompt_blocks = sel.indices, None, None
+        if block_size is not None:
+            indices, front_blocks = eviction.kept_set_for_eviction(
+                sel.indices, sel.normalized, n, block_size)
+            prompt_blocks = eviction.full_prompt_blocks(n, block_size)
         record = LayerRecord(
             req_id=req_id, layer=self.layer_idx, num_tokens=n,
-            num_important=sel.num_important, num_kept=int(sel.indices.numel()),
+            num_important=sel.num_important, num_kept=int(indices.numel()),
             probe_seconds=time.perf_counter() - t0,
-            kept=sel.indices.tolist() if self.recorder.wants_indices else None,
+            kept=indices.tolist() if self.recorder.wants_indices else None,
             visual_ranges=[list(r) for r in visual_ranges] if self.recorder.wants_indices
             else None)
         self.recorder.add(record)
-        return RowSelection(req_id, n, sel.indices, record)
+        return RowSelection(req_id, n, indices, record, front_blocks, prompt_blocks)
 
     def attend(self, sel: RowSelection, query: torch.Tensor, key: torch.Tensor,
                value: torch.Tensor) -> torch.Tensor:
         """Attention output [t, H, D] of one request: prompt rows in T attend to T (causal by
-        original position), other prompt rows are zero, recomputed output rows attend densely."""
-        n = sel.num_prompt
+        original position), other prompt rows are zero. Rows past the prompt (output tokens
+        recomputed after a preemption) attend as decoding did: over T and the output tokens
+        when eviction is on, over everything otherwise."""
+        n, t = sel.num_prompt, query.shape[0]
         out = torch.empty_like(query)
-        out[:n] = zipvl.sparse_prefill_attention_reference(
-            query[:n], key[:n], value[:n], sel.indices, self.scale)
-        if query.shape[0] > n:
+        if self.cfg.evicts or t == n:
+            rows = torch.cat([sel.indices.to(query.device), torch.arange(n, t, device=query.device)])
+            out[:] = zipvl.sparse_prefill_attention_reference(query, key, value, rows, self.scale)
+        else:
+            out[:n] = zipvl.sparse_prefill_attention_reference(
+                query[:n], key[:n], value[:n], sel.indices, self.scale)
             out[n:] = _dense_tail(query, key, value, n, self.scale)
         if self.cfg.record_dir and self.cfg.record_tensors:
             self._save_tensors(sel, query, key, value, out)

@@ -1,0 +1,40 @@
+"""Engine-core side of eviction: frees the blocks the worker reports after each step.
+
+The worker learns each layer's kept count only in the prefill forward, so it attaches
+`kvsparse_evictions = {req_id: {layer: (first_block, last_block)}}` to the ModelRunnerOutput,
+which reaches the scheduler's update_from_output (prototype-findings.md §3; relies on the
+synchronous scheduling the CPU platform forces). vLLM warns that custom schedulers are not a
+public interface: this class only adds a step before the stock update.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from vllm.v1.core.sched.scheduler import Scheduler
+
+from vllm_kvsparse.kv import KVSparseAttentionSpec
+
+logger = logging.getLogger("vllm.kvsparse")
+
+
+class KVSparseScheduler(Scheduler):
+    blocks_freed_total = 0  # engine-core process
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        evictions = getattr(model_runner_output, "kvsparse_evictions", None)
+        if evictions:
+            self._evict(evictions)
+        return super().update_from_output(scheduler_output, model_runner_output)
+
+    def _evict(self, evictions: dict) -> None:
+        managers = {m.kv_cache_spec.layer_idx: m
+                    for m in self.kv_cache_manager.coordinator.single_type_managers
+                    if isinstance(m.kv_cache_spec, KVSparseAttentionSpec)}
+        for req_id, layers in evictions.items():
+            if req_id not in self.requests:   # finished or aborted meanwhile: nothing to free
+                continue
+            freed = sum(managers[layer].evict(req_id, first, last)
+                        for layer, (first, last) in layers.items())
+            KVSparseScheduler.blocks_freed_total += freed
+            logger.debug("vllm-kvsparse: req=%s freed %d KV blocks", req_id, freed)
