@@ -22,6 +22,7 @@ import requests
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 OFFLINE_RUNNER = REPO / "tests" / "e2e" / "offline_run.py"
+STEPPED_RUNNER = REPO / "tests" / "e2e" / "stepped_run.py"
 
 
 def free_port() -> int:
@@ -119,7 +120,8 @@ class VllmServer:
         return OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def run_offline(spec: dict, workdir: Path, plugins: bool = True, timeout: float = 600) -> dict:
+def run_offline(spec: dict, workdir: Path, plugins: bool = True, timeout: float = 600,
+                runner: Path = OFFLINE_RUNNER) -> dict:
     """Run tests/e2e/offline_run.py (a real vLLM engine in a fresh process) on `spec`."""
     workdir.mkdir(parents=True, exist_ok=True)
     spec_path, out_path = workdir / "spec.json", workdir / "out.json"
@@ -127,7 +129,7 @@ def run_offline(spec: dict, workdir: Path, plugins: bool = True, timeout: float 
     env = isolated_env(workdir, plugins)
     if spec.get("uni", True):
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    proc = subprocess.run([sys.executable, str(OFFLINE_RUNNER), str(spec_path), str(out_path)],
+    proc = subprocess.run([sys.executable, str(runner), str(spec_path), str(out_path)],
                           env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"offline run failed ({proc.returncode}):\n{proc.stderr[-6000:]}")

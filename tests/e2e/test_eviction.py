@@ -1,0 +1,149 @@
+"""KV eviction: evicted tokens give their blocks back to vLLM's pool, decode reads only the kept
+tokens, nothing leaks. Real in-process vLLM engines on CPU, tiny models, small KV caches."""
+
+import math
+import random
+
+import pytest
+import torch
+from helpers import STEPPED_RUNNER, run_offline
+
+from vllm_kvsparse.records import read_records
+
+pytestmark = pytest.mark.e2e
+
+TWO_IMAGES = {"image": [{"seed": 7}, {"seed": 8}], "question": "Compare the two pictures."}
+
+
+def zipvl(**options):
+    return {"kv_sparsity": "zipvl", "kv_sparsity_config": {"min_prompt_len": 0, **options}}
+
+
+def stepped(spec, workdir):
+    return run_offline(spec, workdir, runner=STEPPED_RUNNER)
+
+
+def blocks_used(usage: float, num_blocks: int) -> int:
+    return round(usage * (num_blocks - 1))   # vLLM: usage = 1 - free / (num_blocks - 1)
+
+
+def test_tau_one_with_eviction_is_identical_to_none(tiny_model, tmp_path):
+    prompts = [TWO_IMAGES, {"image": {"seed": 3}}, {"tokens": 900, "seed": 4}]
+    spec = {"model": tiny_model, "prompts": prompts, "max_tokens": 96,
+            "engine": {"block_size": 32}}
+    none = run_offline({**spec, "additional_config": {"kv_sparsity": "none"}}, tmp_path / "n")
+    keep_all = run_offline({**spec, "additional_config": zipvl(tau=1.0)}, tmp_path / "z")
+    assert keep_all["outputs"] == none["outputs"]
+
+
+def test_decode_attention_equals_reference_over_kept_set(peaked_model, tmp_path):
+    rec = tmp_path / "records"
+    run_offline({"model": peaked_model, "prompts": [TWO_IMAGES], "max_tokens": 200,
+                 "additional_config": zipvl(tau=0.9, record_dir=str(rec), record_tensors=True)},
+                tmp_path)
+    prefill = {int(p.stem.rsplit("layer", 1)[1]): torch.load(p)
+               for p in rec.glob("tensors-*.pt")}
+    decode = {int(p.stem.split("layers.")[1].split(".")[0]): torch.load(p)
+              for p in rec.glob("decode-*.pt")}
+    assert len(prefill) >= 3 and set(prefill) <= set(decode)
+    for layer, pre in prefill.items():
+        steps = decode[layer]
+        assert len(steps) >= 199
+        kept, n = pre["kept"], pre["query"].shape[0]
+        keys = [pre["key"][kept].float()]
+        values = [pre["value"][kept].float()]
+        worst_kept = worst_dense = 0.0
+        for j, step in enumerate(steps):
+            assert step["position"] == n + j
+            keys.append(step["key"].float())
+            values.append(step["value"].float())
+            k, v = torch.cat(keys), torch.cat(values)
+            ref = _attend(step["query"].float(), k, v, pre["scale"])
+            worst_kept = max(worst_kept, (ref - step["output"].float()).abs().max().item())
+            if j % 50 == 0:   # the same step attending to every prompt token instead
+                k_all = torch.cat([pre["key"].float(), *[s["key"].float() for s in steps[:j + 1]]])
+                v_all = torch.cat([pre["value"].float(),
+                                   *[s["value"].float() for s in steps[:j + 1]]])
+                dense = _attend(step["query"].float(), k_all, v_all, pre["scale"])
+                worst_dense = max(worst_dense, (dense - step["output"].float()).abs().max().item())
+        assert worst_kept < 2e-2, (layer, worst_kept)
+        assert worst_dense > 5 * worst_kept, (layer, worst_dense, worst_kept)
+
+
+def _attend(q, k, v, scale):
+    """q [1, H, d] over k, v [t, Hkv, d]; fp32."""
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, 1)
+    v = v.repeat_interleave(group, 1)
+    probs = torch.softmax(torch.einsum("qhd,khd->hqk", q, k) * scale, -1)
+    return torch.einsum("hqk,khd->qhd", probs, v)
+
+
+def test_kv_usage_is_the_kept_fraction_of_dense(peaked_model, tmp_path):
+    req = [{"id": "long", "prompt": TWO_IMAGES, "max_tokens": 64}]
+    engine = {"block_size": 32, "kv_cache_memory_bytes": 32 << 20}
+    dense = stepped({"model": peaked_model, "requests": req, "engine": engine,
+                     "additional_config": {"kv_sparsity": "none"}}, tmp_path / "dense")
+    rec = tmp_path / "records"
+    sparse = stepped({"model": peaked_model, "requests": req, "engine": engine,
+                      "additional_config": zipvl(tau=0.9, record_dir=str(rec))},
+                     tmp_path / "zipvl")
+    layers = sparse["num_groups"]
+    assert dense["num_groups"] == 1 and layers == 4   # one KV-cache group per layer
+    records = read_records(str(rec))
+    n = records[0]["num_tokens"]
+    kept_fraction = sum(r["num_kept"] for r in records) / (layers * n)
+    assert kept_fraction < 0.8
+    for step, (u_dense, u_sparse) in enumerate(zip(dense["usage"], sparse["usage"])):
+        if u_dense == 0:
+            continue
+        dense_blocks = layers * blocks_used(u_dense, dense["num_blocks"])  # per-layer blocks
+        sparse_blocks = blocks_used(u_sparse, sparse["num_blocks"])
+        assert sparse_blocks <= kept_fraction * dense_blocks + layers, (step, sparse_blocks,
+                                                                        dense_blocks)
+        assert sparse_blocks < dense_blocks
+    assert sparse["free_end"] == sparse["free_start"]
+
+
+def test_no_leak_after_200_mixed_requests_with_aborts_and_preemption(tiny_model, tmp_path):
+    rng = random.Random(0)
+    requests = []
+    for i in range(200):
+        kind = rng.random()
+        if kind < 0.3:
+            prompt = {"image": {"seed": i, "size": [rng.choice([224, 336, 448])] * 2}}
+        elif kind < 0.4:
+            prompt = {"text": "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"}
+        else:
+            prompt = {"tokens": rng.randrange(20, 1000), "seed": i}
+        req = {"id": f"r{i}", "prompt": prompt, "max_tokens": rng.randrange(1, 40),
+               "add_at_step": i // 2}
+        if rng.random() < 0.15:
+            req["abort_at_step"] = i // 2 + rng.randrange(1, 12)
+        requests.append(req)
+    out = stepped({"model": tiny_model, "requests": requests,
+                   "engine": {"max_num_seqs": 8, "kv_cache_memory_bytes": 3 << 19,
+                              "max_model_len": 1100},
+                   "additional_config": zipvl(tau=0.8)}, tmp_path)
+    finished, aborted = set(out["outputs"]), set(out["aborted"])
+    assert finished | aborted == {r["id"] for r in requests}
+    assert out["preempted"], "the cache was meant to be too small for the batch"
+    assert out["blocks_freed"] > 0
+    assert out["free_end"] == out["free_start"]
+
+
+def test_preempted_requests_match_the_same_requests_run_alone(peaked_model, tmp_path):
+    requests = [{"id": f"r{i}", "prompt": {"image": {"seed": 30 + i}}, "max_tokens": 48}
+                for i in range(6)]
+    config = zipvl(tau=0.9)
+    squeezed = stepped({"model": peaked_model, "requests": requests, "additional_config": config,
+                        "engine": {"max_num_seqs": 6, "kv_cache_memory_bytes": 3 << 19,
+                                   "max_model_len": 512}},
+                       tmp_path / "squeezed")
+    assert squeezed["preempted"], "the cache was meant to force recompute"
+    alone = stepped({"model": peaked_model, "requests": requests, "additional_config": config,
+                     "engine": {"max_num_seqs": 1, "kv_cache_memory_bytes": 32 << 20,
+                                "max_model_len": 512}},
+                    tmp_path / "alone")
+    assert not alone["preempted"]
+    assert squeezed["outputs"] == alone["outputs"]
