@@ -1,6 +1,7 @@
 """The `vllm-kvsparse` command.
 
     vllm-kvsparse tiny-model OUT_DIR [options]   build the embedded tiny Qwen2-VL model
+    vllm-kvsparse bench --endpoint NAME=URL ...  compare endpoints (dense vs zipvl), docs/bench.md
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("tiny-model", help="build the embedded tiny Qwen2-VL model directory")
     tiny_model.add_arguments(p)
     p.set_defaults(func=_tiny_model)
+    from vllm_kvsparse.bench import cli as bench_cli
+
+    bench_cli.add_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

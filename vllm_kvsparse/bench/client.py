@@ -27,7 +27,8 @@ class RequestResult:
     index: int
     ok: bool = False
     error: str | None = None
-    start_s: float = 0.0  # send time relative to the endpoint run's start
+    scheduled_s: float = 0.0  # arrival time in the schedule (0 for an infinite rate)
+    start_s: float = 0.0  # actual send time (after waiting for a --concurrency slot)
     ttft_s: float | None = None
     e2e_s: float | None = None
     tpot_s: float | None = None
@@ -52,8 +53,14 @@ def api_base(url: str) -> tuple[str, str]:
     return root, root + "/v1"
 
 
+class RequestFailed(Exception):
+    """A request the server answered, but not with a good stream (HTTP status, stream error)."""
+
+
 def error_text(e: BaseException) -> str:
-    msg = str(e).strip()
+    msg = " ".join(str(e).split())
+    if isinstance(e, RequestFailed):
+        return msg
     name = type(e).__name__
     if isinstance(e, (asyncio.TimeoutError, TimeoutError)) and not msg:
         msg = "request timed out"
@@ -110,7 +117,7 @@ async def _stream(client, v1: str, body: dict, res: RequestResult, start: float)
     async with client.stream("POST", v1 + "/chat/completions", json=body) as r:
         if r.status_code != 200:
             raw = (await r.aread()).decode(errors="replace")
-            raise RuntimeError(f"HTTP {r.status_code}: {_error_message(raw)}")
+            raise RequestFailed(f"HTTP {r.status_code}: {_error_message(raw)}")
         async for line in r.aiter_lines():
             if not line.startswith("data:"):
                 continue
@@ -121,7 +128,7 @@ async def _stream(client, v1: str, body: dict, res: RequestResult, start: float)
             now = time.perf_counter()
             chunk = json.loads(data)
             if "error" in chunk:
-                raise RuntimeError("error in stream: " + _error_message(json.dumps(chunk)))
+                raise RequestFailed("error in stream: " + _error_message(json.dumps(chunk)))
             usage = chunk.get("usage")
             if usage:
                 res.prompt_tokens = usage.get("prompt_tokens")
@@ -140,9 +147,9 @@ async def _stream(client, v1: str, body: dict, res: RequestResult, start: float)
                 break  # n=1: one choice per chunk
     res.text = "".join(text)
     if not completed and res.finish_reason is None:
-        raise RuntimeError("stream ended early (no [DONE] and no finish_reason)")
+        raise RequestFailed("stream ended early (no [DONE] and no finish_reason)")
     if not token_times:
-        raise RuntimeError("no tokens received")
+        raise RequestFailed("no tokens received")
     if not res.output_tokens:
         res.output_tokens = res.chunks  # server sent no usage: one token per chunk
     res.ttft_s = token_times[0] - start
