@@ -122,6 +122,8 @@ def apply(vllm_config, cfg: SparsityConfig) -> None:
     vllm_config.additional_config.update(cfg.to_additional_config())
     if not cfg.enabled:
         return
+    from vllm_kvsparse import metrics
+    metrics.ensure_stats_dir()  # before vLLM spawns the engine core and workers
     cache, sched = vllm_config.cache_config, vllm_config.scheduler_config
     changed = []
     # Each prompt must be prefilled in one step: selection needs every prompt query and key

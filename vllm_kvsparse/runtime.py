@@ -82,4 +82,18 @@ def take_evictions(live_req_ids) -> dict[str, dict[int, tuple[int, int]]]:
     out, _PENDING = _PENDING, {}
     for req_id in [r for r in _COMPACTED if r not in live_req_ids]:
         del _COMPACTED[req_id]
+    for req_id in [r for r in _FALLBACK_COUNTED if r not in live_req_ids]:
+        _FALLBACK_COUNTED.discard(req_id)
     return out
+
+
+# Requests already counted as a dense fallback (every layer group's builder sees them).
+_FALLBACK_COUNTED: set[str] = set()
+
+
+def count_fallback_once(req_id: str, reason: str) -> None:
+    from vllm_kvsparse import metrics
+
+    if req_id not in _FALLBACK_COUNTED:
+        _FALLBACK_COUNTED.add(req_id)
+        metrics.sink().fallback(reason)

@@ -13,6 +13,7 @@ import logging
 
 from vllm.v1.core.sched.scheduler import Scheduler
 
+from vllm_kvsparse import metrics
 from vllm_kvsparse.kv import KVSparseAttentionSpec
 
 logger = logging.getLogger("vllm.kvsparse")
@@ -37,4 +38,6 @@ class KVSparseScheduler(Scheduler):
             freed = sum(managers[layer].evict(req_id, first, last)
                         for layer, (first, last) in layers.items())
             KVSparseScheduler.blocks_freed_total += freed
+            metrics.sink("engine").add("kv_blocks_freed", freed)
             logger.debug("vllm-kvsparse: req=%s freed %d KV blocks", req_id, freed)
+        metrics.sink("engine").flush()

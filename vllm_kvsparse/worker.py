@@ -9,7 +9,7 @@ The platform sets this class as `worker_cls` when sparsity is on.
 
 from vllm.v1.worker.cpu_worker import CPUWorker
 
-from vllm_kvsparse import runtime
+from vllm_kvsparse import metrics, runtime
 from vllm_kvsparse.config import SparsityConfig
 
 
@@ -47,4 +47,5 @@ class KVSparseCPUWorker(CPUWorker):
             evictions = runtime.take_evictions(self.model_runner.requests)
             if evictions:
                 output.kvsparse_evictions = evictions
+            metrics.sink().flush()
         return output

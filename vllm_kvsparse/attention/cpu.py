@@ -30,7 +30,7 @@ from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttenti
 
 from vllm import _custom_ops as ops
 
-from vllm_kvsparse import eviction, runtime
+from vllm_kvsparse import eviction, metrics, runtime
 from vllm_kvsparse.attention.sparse_prefill import SparsePrefill
 from vllm_kvsparse.config import SparsityConfig
 
@@ -134,8 +134,12 @@ class KVSparseCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             if whole_prompt_now and row.num_prompt_tokens >= self.sparsity.min_prompt_len:
                 sparse.append(SparseRow(i, row.req_id, start, end, row.num_prompt_tokens,
                                         row.visual_ranges))
-            else:
-                dense.append(i)
+                continue
+            dense.append(i)
+            if whole_prompt_now:
+                runtime.count_fallback_once(row.req_id, "short_prompt")
+            elif num_computed == 0:  # a prompt split over steps: selection needs it whole
+                runtime.count_fallback_once(row.req_id, "unsupported")
         if not sparse:
             return None
         block_size = self.block_size if self.evict_layer is not None else None
@@ -181,6 +185,7 @@ class KVSparseCPUAttentionImpl(CPUAttentionBackendImpl):
             return output
         sparse_prefill = self._sparse_prefill_for(layer)
         if sparse_prefill is None:  # exempt layer: dense for everyone
+            metrics.sink().fallback("exempt_layer", len(plan.sparse_rows))
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                    output_scale, output_block_scale)
         # Select first: a row whose selection keeps every token is plain dense attention, and

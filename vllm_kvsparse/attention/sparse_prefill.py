@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_kvsparse import eviction, runtime, zipvl
+from vllm_kvsparse import eviction, metrics, runtime, zipvl
 from vllm_kvsparse.config import SparsityConfig
 from vllm_kvsparse.records import LayerRecord, Recorder
 
@@ -72,6 +72,8 @@ class SparsePrefill:
             visual_ranges=[list(r) for r in visual_ranges] if self.recorder.wants_indices
             else None)
         self.recorder.add(record)
+        metrics.sink().observe_layer(self.layer_idx, n, record.num_kept, record.probe_seconds,
+                                     num_heads=query.shape[1], head_dim=query.shape[2])
         return RowSelection(req_id, n, indices, record, front_blocks, prompt_blocks)
 
     def attend(self, sel: RowSelection, query: torch.Tensor, key: torch.Tensor,
