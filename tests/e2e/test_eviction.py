@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import STEPPED_RUNNER, run_offline
 
+from vllm_kvsparse import zipvl as zipvl_math
 from vllm_kvsparse.records import read_records
 
 pytestmark = pytest.mark.e2e
@@ -50,6 +51,10 @@ def test_decode_attention_equals_reference_over_kept_set(peaked_model, tmp_path)
         steps = decode[layer]
         assert len(steps) >= 199
         kept, n = pre["kept"], pre["query"].shape[0]
+        # the kept set is ZipVL's selection plus the paged-cache padding (eviction.py)
+        chosen = zipvl_math.select_important_tokens(pre["query"], pre["key"], tau=0.9,
+                                                    scale=pre["scale"]).indices
+        assert torch.isin(chosen, kept).all() and kept.numel() < n
         keys = [pre["key"][kept].float()]
         values = [pre["value"][kept].float()]
         worst_kept = worst_dense = 0.0

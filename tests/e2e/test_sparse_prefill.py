@@ -65,7 +65,7 @@ def reference_sparse_attention(q, k, v, kept, scale):
 def test_prefill_output_equals_fp32_reference_on_kept_set(peaked_model, tmp_path):
     rec = tmp_path / "records"
     run_offline({"model": peaked_model, "prompts": PROMPTS[:3], "max_tokens": 2,
-                 "additional_config": zipvl_config(tau=0.9, record_dir=str(rec),
+                 "additional_config": zipvl_config(tau=0.9, record_dir=str(rec), evict=False,
                                                    record_tensors=True)}, tmp_path)
     files = sorted(rec.glob("tensors-*.pt"))
     assert len(files) >= 3 * 4 - 1   # every (request, layer) that dropped something
