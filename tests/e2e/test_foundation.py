@@ -42,6 +42,8 @@ def test_serve_with_plugin_answers_image_chat_and_metrics(tiny_model, tmp_path):
      "'text' is invalid; valid values are all, visual"),
     (["--kv-sparsity", "zipvl", "--kv-sparsity-config", '{"exempt_layers": [5]}'],
      "exempt layer 5 is out of range; valid layer indices are 0..1"),
+    (["--kv-sparsity", "zipvl", "--tensor-parallel-size", "2"],
+     "kv-sparsity=zipvl cannot run with --tensor-parallel-size=2 (only 1 is supported)"),
 ])
 def test_bad_flag_values_exit_nonzero_with_one_line(tiny_model, tmp_path, args, needle):
     proc = subprocess.run([str(BIN / "vllm"), "serve", tiny_model, "--port", "1", *args],
