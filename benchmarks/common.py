@@ -93,12 +93,24 @@ def isolated_env(workdir: Path) -> dict[str, str]:
     return env
 
 
+def other_busy_processes() -> list[str]:
+    """Other processes that compete for the CPU (test suites, servers, installs), as noted in
+    the results: timings taken next to them are contended."""
+    try:
+        out = subprocess.run(["pgrep", "-af", "vllm serve|offline_run|stepped_run|pytest|pip "
+                              "install"], capture_output=True, text=True).stdout
+    except OSError:
+        return []
+    return [line[:160] for line in out.splitlines() if "pgrep" not in line]
+
+
 def run_worker(script: str, spec: dict, workdir: Path, timeout: float = 1800) -> dict:
     """Run `python script --worker spec.json out.json` in a fresh, isolated process."""
     workdir.mkdir(parents=True, exist_ok=True)
     spec_path, out_path, log_path = workdir / "spec.json", workdir / "out.json", \
         workdir / "worker.log"
     spec_path.write_text(json.dumps(spec, indent=1))
+    load0, busy0 = os.getloadavg(), other_busy_processes()
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.run([sys.executable, script, "--worker", str(spec_path),
@@ -109,6 +121,8 @@ def run_worker(script: str, spec: dict, workdir: Path, timeout: float = 1800) ->
         raise RuntimeError(f"worker failed ({proc.returncode}), log {log_path}:\n{tail}")
     out = json.loads(out_path.read_text())
     out["process_seconds"] = time.perf_counter() - t0
+    out["loadavg_before"], out["loadavg_after"] = load0, os.getloadavg()
+    out["other_busy_processes"] = busy0
     return out
 
 

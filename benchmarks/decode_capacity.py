@@ -215,6 +215,9 @@ def main(argv=None) -> int:
             m = metrics_of(out)
             report["runs"].append({"mode": mode, "tau": tau, "round": rnd, "metrics": m,
                                    "process_s": out["process_seconds"],
+                                   "loadavg_before": out["loadavg_before"],
+                                   "loadavg_after": out["loadavg_after"],
+                                   "other_busy_processes": out["other_busy_processes"],
                                    "steps": out["steps"]})
     report["wall_seconds"] = time.perf_counter() - t_start
     summarize(report, modes)

@@ -11,7 +11,7 @@ request has its own images and text (no cache can serve it); prefix caching and 
 prefill are off in both modes, so both prefill the whole prompt in one step.
 
 Per round, each mode (dense, zipvl at each tau) runs in its own fresh process: one warm-up
-request (first length), then `--repeats` timed requests per length, then `--repeats` requests with
+request (first length, or --warmup-tokens), then `--repeats` timed requests per length, then `--repeats` requests with
 the same kind of images and a minimal text ("vision-only" TTFT: the vision encoder plus a
 ~530-token prefill). The mode order alternates between rounds (ABBA). Reported: medians over
 rounds x repeats. The zipvl rows also carry the kept ratio (mean over layers of
@@ -126,7 +126,7 @@ def worker(spec_path: str, out_path: str) -> None:
     n_img, base = spec["num_images"], spec["seed_base"]
     rows = []
     # one warm-up request at the first length (its own images and text; discarded)
-    timed(common.build_prompt(tok, spec["lengths"][0], [base + 900_000 + j
+    timed(common.build_prompt(tok, spec.get("warmup_tokens") or spec["lengths"][0], [base + 900_000 + j
                                                         for j in range(n_img)], base + 900_000))
     for li, length in enumerate(spec["lengths"]):
         for r in range(spec["repeats"]):
@@ -157,6 +157,8 @@ def parse_args(argv):
     ap.add_argument("--what-if-sdpa-4d", action="store_true",
                     help="also run zipvl with its sparse attention patched to 4-D SDPA inputs "
                          "(what-if, not the shipped code)")
+    ap.add_argument("--warmup-tokens", type=int, default=None,
+                    help="length of the one warm-up request per engine (default: first length)")
     ap.add_argument("--repeats", type=int, default=2, help="timed requests per length/engine")
     ap.add_argument("--rounds", type=int, default=2, help="fresh engines per mode (ABBA)")
     ap.add_argument("--models-dir", default="/tmp/kvsparse-bench/models")
@@ -209,6 +211,7 @@ def main(argv=None) -> int:
                 wdir = work / f"hd{hd}" / f"round{rnd}" / name
                 rec = str(wdir / "records") if mode != "dense" else None
                 wspec = {"engine": engine, "lengths": lengths, "repeats": args.repeats,
+                         "warmup_tokens": args.warmup_tokens,
                          "num_images": args.images, "seed_base": 1_000_000 * (rnd + 1),
                          "additional_config": common.additional_config(
                              "dense" if mode == "dense" else "zipvl", tau, rec),
@@ -226,6 +229,9 @@ def main(argv=None) -> int:
                 for row in out["rows"]:
                     row.update(head_dim=hd, mode=mode, tau=tau, round=rnd)
                 run.update(startup_s=out["startup_s"], process_s=out["process_seconds"],
+                           loadavg_before=out["loadavg_before"],
+                           loadavg_after=out["loadavg_after"],
+                           other_busy_processes=out["other_busy_processes"],
                            torch_threads=out.get("torch_threads"), rows=out["rows"])
                 report["runs"].append(run)
     report["wall_seconds"] = time.perf_counter() - t_start
