@@ -322,8 +322,10 @@ def sparse_prefill_attention_reference(query: torch.Tensor, key: torch.Tensor,
     out = torch.zeros(n, num_heads, value.shape[2], dtype=query.dtype, device=query.device)
     if indices.numel() == 0:
         return out
-    q, k, v = (x[indices].float().transpose(0, 1) for x in (query, key, value))   # [h, t, d]
+    # [1, h, t, d]: SDPA's fused (flash) CPU kernel only takes 4-D inputs; 3-D ones fall back
+    # to the math path, which builds the [h, t, t] score matrix (10x slower, O(h t^2) memory).
+    q, k, v = (x[indices].float().transpose(0, 1).unsqueeze(0) for x in (query, key, value))
     attn = torch.nn.functional.scaled_dot_product_attention(
         q, k, v, is_causal=True, scale=scale, enable_gqa=num_heads != num_kv_heads)
-    out[indices] = attn.transpose(0, 1).to(query.dtype)
+    out[indices] = attn[0].transpose(0, 1).to(query.dtype)
     return out
