@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from vllm_kvsparse.bench.workload import rectangle_image
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -135,20 +137,6 @@ WORDS = ("the a an image picture photo shows describe what is in this of and to 
 PAD = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
-def make_image(size=(448, 448), seed: int = 0):
-    """A deterministic synthetic picture (PIL image); distinct seeds -> distinct images, so no
-    multimodal cache can serve a repeat."""
-    from PIL import Image, ImageDraw
-    rng = random.Random(seed)
-    img = Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3)))
-    draw = ImageDraw.Draw(img)
-    for _ in range(6):
-        x0, y0 = rng.randrange(size[0]), rng.randrange(size[1])
-        x1, y1 = x0 + rng.randrange(1, size[0] // 2 + 2), y0 + rng.randrange(1, size[1] // 2 + 2)
-        draw.rectangle([x0, y0, x1, y1], fill=tuple(rng.randrange(256) for _ in range(3)))
-    return img
-
-
 def _chat(text: str, num_images: int) -> str:
     return (f"<|im_start|>user\n{PAD * num_images}{text}<|im_end|>\n"
             "<|im_start|>assistant\n")
@@ -180,7 +168,7 @@ def build_prompt(tokenizer, target_tokens: int, image_seeds: list[int], text_see
         text = " ".join(words[:lo])
     prompt = {"prompt": _chat(text, n_img)}
     if n_img:
-        imgs = [make_image(image_size, s) for s in image_seeds]
+        imgs = [rectangle_image(image_size, s) for s in image_seeds]
         prompt["multi_modal_data"] = {"image": imgs if n_img > 1 else imgs[0]}
     return prompt
 

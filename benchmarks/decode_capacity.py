@@ -110,11 +110,11 @@ def worker(spec_path: str, out_path: str) -> None:
               "preemptions": preempt, "num_blocks": pool.num_gpu_blocks,
               "num_kv_groups": len(scheduler.kv_cache_config.kv_cache_groups)}
     if spec.get("record_dir"):
+        from vllm_kvsparse import metrics   # in-process engine: worker and scheduler share it
         from vllm_kvsparse.records import read_records
-        from vllm_kvsparse.scheduler import KVSparseScheduler
         recs = read_records(spec["record_dir"])
         result["kept"] = common.kept_summary(recs)
-        result["blocks_freed"] = KVSparseScheduler.blocks_freed_total
+        result["blocks_freed"] = metrics.sink().counters.get("kv_blocks_freed", 0)
     json.dump(result, open(out_path, "w"))
 
 

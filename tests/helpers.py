@@ -6,8 +6,6 @@ its process group id even when the test fails.
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
 import signal
@@ -18,6 +16,9 @@ import time
 from pathlib import Path
 
 import requests
+
+from vllm_kvsparse.bench.workload import png_data_url as image_data_url
+from vllm_kvsparse.bench.workload import rectangle_image as make_image  # noqa: F401 (tests use it)
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -134,27 +135,6 @@ def run_offline(spec: dict, workdir: Path, plugins: bool = True, timeout: float 
     if proc.returncode != 0:
         raise RuntimeError(f"offline run failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
     return json.loads(out_path.read_text())
-
-
-def make_image(size=(448, 448), seed: int = 0):
-    """A deterministic synthetic picture (PIL image)."""
-    import random
-
-    from PIL import Image, ImageDraw
-    rng = random.Random(seed)
-    img = Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3)))
-    draw = ImageDraw.Draw(img)
-    for _ in range(6):
-        x0, y0 = rng.randrange(size[0]), rng.randrange(size[1])
-        x1, y1 = x0 + rng.randrange(1, size[0] // 2 + 2), y0 + rng.randrange(1, size[1] // 2 + 2)
-        draw.rectangle([x0, y0, x1, y1], fill=tuple(rng.randrange(256) for _ in range(3)))
-    return img
-
-
-def image_data_url(img) -> str:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def chat_image(client, img, question: str = "What is in this image?", max_tokens: int = 16,

@@ -71,11 +71,6 @@ def compaction(req_id: str, layer_idx: int) -> tuple[int, int] | None:
     return _COMPACTED.get(req_id, {}).get(layer_idx)
 
 
-def forget_request(req_id: str) -> None:
-    """A request is prefilled again (after preemption): its old compaction no longer holds."""
-    _COMPACTED.pop(req_id, None)
-
-
 def take_evictions(live_req_ids) -> dict[str, dict[int, tuple[int, int]]]:
     """The step's block ranges to free; also drops bookkeeping of requests that are gone."""
     global _PENDING

@@ -20,8 +20,6 @@ logger = logging.getLogger("vllm.kvsparse")
 
 
 class KVSparseScheduler(Scheduler):
-    blocks_freed_total = 0  # engine-core process
-
     def update_from_output(self, scheduler_output, model_runner_output):
         evictions = getattr(model_runner_output, "kvsparse_evictions", None)
         if evictions:
@@ -37,7 +35,6 @@ class KVSparseScheduler(Scheduler):
                 continue
             freed = sum(managers[layer].evict(req_id, first, last)
                         for layer, (first, last) in layers.items())
-            KVSparseScheduler.blocks_freed_total += freed
             metrics.sink("engine").add("kv_blocks_freed", freed)
             logger.debug("vllm-kvsparse: req=%s freed %d KV blocks", req_id, freed)
         metrics.sink("engine").flush()

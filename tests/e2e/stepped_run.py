@@ -60,8 +60,8 @@ def main():
             raise RuntimeError("engine did not finish")
     result["free_end"] = pool.get_num_free_blocks()
     result["preempted"] = sorted(result["preempted"])
-    from vllm_kvsparse.scheduler import KVSparseScheduler
-    result["blocks_freed"] = KVSparseScheduler.blocks_freed_total
+    from vllm_kvsparse import metrics   # in-process engine: worker and scheduler share it
+    result["blocks_freed"] = metrics.sink().counters.get("kv_blocks_freed", 0)
     json.dump(result, open(sys.argv[2], "w"))
 
 

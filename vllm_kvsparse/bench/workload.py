@@ -54,6 +54,22 @@ def synthetic_image(width: int, height: int, seed: int):
     return img
 
 
+def rectangle_image(size=(448, 448), seed: int = 0):
+    """Six random filled rectangles on a random background (PIL image): the tests' and the
+    engine benchmarks' picture. Distinct seeds give distinct images, so no multimodal cache
+    serves a repeat."""
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    img = Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3)))
+    draw = ImageDraw.Draw(img)
+    for _ in range(6):
+        x0, y0 = rng.randrange(size[0]), rng.randrange(size[1])
+        x1, y1 = x0 + rng.randrange(1, size[0] // 2 + 2), y0 + rng.randrange(1, size[1] // 2 + 2)
+        draw.rectangle([x0, y0, x1, y1], fill=tuple(rng.randrange(256) for _ in range(3)))
+    return img
+
+
 def png_data_url(img) -> str:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
