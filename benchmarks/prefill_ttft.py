@@ -99,7 +99,7 @@ def worker(spec_path: str, out_path: str) -> None:
     timers.wrap(kv_cpu.KVSparseCPUAttentionImpl, "forward", "attn_layer")
     timers.wrap(sparse_prefill.SparsePrefill, "select", "select")
     timers.wrap(sparse_prefill.SparsePrefill, "attend", "sparse_attend")
-    timers.wrap(kv_cpu.KVSparseCPUAttentionImpl, "_compact", "compact")
+    timers.wrap(kv_cpu.KVSparseCPUAttentionImpl, "_compact_rows", "compact")
 
     t0 = time.perf_counter()
     llm = LLM(**spec["engine"], additional_config=spec["additional_config"])

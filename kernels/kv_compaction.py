@@ -91,7 +91,8 @@ def compact_kv_reference(key_cache: torch.Tensor, value_cache: torch.Tensor,
                          block_tables: torch.Tensor, kept: torch.Tensor,
                          cu_kept: torch.Tensor) -> None:
     """In-place torch version: gather every kept row, then scatter (the gather copies first,
-    so overlapping sources and destinations are safe)."""
+    so overlapping sources and destinations are safe). Any strides (vLLM's FlashAttention
+    cache views are not contiguous)."""
     block_size = key_cache.shape[1]
     check_compaction_args(block_tables, kept, cu_kept, block_size)
     plan = compaction_plan(kept.to(key_cache.device), cu_kept)
@@ -99,8 +100,8 @@ def compact_kv_reference(key_cache: torch.Tensor, value_cache: torch.Tensor,
     src = flat_slots(tables, plan["request"], kept.to(key_cache.device), block_size)
     dst = flat_slots(tables, plan["request"], plan["dst"], block_size)
     for cache in (key_cache, value_cache):
-        flat = cache.view(-1, *cache.shape[2:])
-        flat.index_copy_(0, dst, flat.index_select(0, src))   # select copies first
+        rows = cache[src // block_size, src % block_size]      # advanced indexing copies
+        cache[dst // block_size, dst % block_size] = rows
 
 
 def compact_blocks_reference(kv_cache: torch.Tensor, block_table_row: torch.Tensor,

@@ -42,13 +42,13 @@ def kept_set_for_eviction(kept: torch.Tensor, scores: torch.Tensor, num_prompt: 
 
 
 def virtual_block_row(block_row: torch.Tensor, front_blocks: int, prompt_blocks: int,
-                      seq_len: int, block_size: int) -> tuple[torch.Tensor, int]:
+                      block_size: int) -> tuple[torch.Tensor, int]:
     """A decode row's view of a compacted layer: blocks [0, F) then the tail from the prompt's
     last full block on; the evicted blocks [F, prompt_blocks) are skipped (their ids are stale).
-    Returns (block row of the same width, padded with block 0; the shortened seq_len)."""
+    Returns (block row of the same width, padded with block 0; the number of token positions
+    skipped, to subtract from the row's seq_len). Device ops only: no host sync on a GPU."""
     gap = prompt_blocks - front_blocks
-    used = -(-seq_len // block_size)
     row = torch.zeros_like(block_row)
     row[:front_blocks] = block_row[:front_blocks]
-    row[front_blocks:used - gap] = block_row[prompt_blocks:used]
-    return row, seq_len - gap * block_size
+    row[front_blocks:block_row.numel() - gap] = block_row[prompt_blocks:]
+    return row, gap * block_size

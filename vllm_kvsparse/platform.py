@@ -1,4 +1,5 @@
-"""The plugin's vLLM platform: vLLM's CPU platform plus the `--kv-sparsity` flags.
+"""The plugin's vLLM platforms: vLLM's CPU platform (here) and CUDA platform (platform_cuda.py),
+each plus the `--kv-sparsity` flags and the start-up checks and settings of the sparse path.
 
 vLLM 0.32 has no entry point for new CLI flags. Its documented hook for out-of-tree platforms,
 `Platform.pre_register_and_update(parser)`, receives the `vllm serve` parser before parsing, and
@@ -25,7 +26,6 @@ from vllm_kvsparse.config import (CONFIG_KEY, METHOD_KEY, METHODS, SparsityConfi
 
 logger = logging.getLogger("vllm.kvsparse")
 
-WORKER_CLS = "vllm_kvsparse.worker.KVSparseCPUWorker"
 SCHEDULER_CLS = "vllm_kvsparse.scheduler.KVSparseScheduler"
 EVICTION_BLOCK_SIZE = 32  # finer than the CPU default 128; the CPU kernels want multiples of 32
 
@@ -86,7 +86,7 @@ def resolve_config(vllm_config) -> SparsityConfig:
     return cfg
 
 
-def check_supported(vllm_config, cfg: SparsityConfig) -> None:
+def check_supported(vllm_config, cfg: SparsityConfig, worker_cls: str) -> None:
     """Refuse, at start-up, settings the sparse path cannot serve correctly."""
     if not cfg.enabled:
         return
@@ -103,7 +103,7 @@ def check_supported(vllm_config, cfg: SparsityConfig) -> None:
         problems.append("an MLA model (only standard multi-head/GQA attention is supported)")
     if vllm_config.kv_transfer_config is not None:
         problems.append("a KV connector (not supported)")
-    if pc.worker_cls not in ("auto", WORKER_CLS):
+    if pc.worker_cls not in ("auto", worker_cls):
         problems.append(f"--worker-cls={pc.worker_cls} (the plugin needs its own worker)")
     sched_cls = vllm_config.scheduler_config.scheduler_cls
     if cfg.evicts and sched_cls not in (None, SCHEDULER_CLS) and not (
@@ -117,17 +117,17 @@ def check_supported(vllm_config, cfg: SparsityConfig) -> None:
             f"kv-sparsity={cfg.method} cannot run with " + "; ".join(problems))
 
 
-def apply(vllm_config, cfg: SparsityConfig) -> None:
+def apply(vllm_config, cfg: SparsityConfig, worker_cls: str) -> list[str]:
     """Make vLLM's settings safe for sparse prefill and log what changed."""
     vllm_config.additional_config.update(cfg.to_additional_config())
     if not cfg.enabled:
-        return
+        return []
     from vllm_kvsparse import metrics
     metrics.ensure_stats_dir()  # before vLLM spawns the engine core and workers
     cache, sched = vllm_config.cache_config, vllm_config.scheduler_config
     changed = []
     # Each prompt must be prefilled in one step: selection needs every prompt query and key
-    # in plain form (earlier chunks' K/V exist only in the ISA-packed cache).
+    # in plain form (earlier chunks' K/V exist only in the paged cache, ISA-packed on CPU).
     if sched.enable_chunked_prefill:
         sched.enable_chunked_prefill = False
         changed.append("chunked prefill off")
@@ -143,11 +143,17 @@ def apply(vllm_config, cfg: SparsityConfig) -> None:
         cache.enable_prefix_caching = False
         changed.append("prefix caching off")
     if vllm_config.parallel_config.worker_cls == "auto":
-        vllm_config.parallel_config.worker_cls = WORKER_CLS
+        vllm_config.parallel_config.worker_cls = worker_cls
     if cfg.evicts and sched.scheduler_cls is None:
         sched.scheduler_cls = SCHEDULER_CLS
     # The builder reads request ids and prompt lengths from the V1 model runner's input batch.
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    return changed
+
+
+def log_settings(cfg: SparsityConfig, changed: list[str]) -> None:
+    if not cfg.enabled:
+        return
     if changed:
         logger.info("vllm-kvsparse: %s; adjusted vLLM settings: %s",
                     cfg.summary(), ", ".join(changed))
@@ -155,8 +161,13 @@ def apply(vllm_config, cfg: SparsityConfig) -> None:
         logger.info("vllm-kvsparse: %s", cfg.summary())
 
 
-class KVSparseCpuPlatform(CpuPlatform):
-    """vLLM's CPU platform with the plugin's flags and start-up checks."""
+class KVSparsePlatformMixin:
+    """The hooks both platforms share; placed before vLLM's platform class in the MRO.
+
+    Subclasses set `kvsparse_worker_cls` and may extend `_check_platform` and `_adjust` (the
+    latter runs after vLLM's own `check_and_update_config`)."""
+
+    kvsparse_worker_cls: str = ""
 
     @classmethod
     def pre_register_and_update(cls, parser=None) -> None:
@@ -169,20 +180,43 @@ class KVSparseCpuPlatform(CpuPlatform):
             vllm_config.additional_config = {}
         try:
             cfg = resolve_config(vllm_config)
-            check_supported(vllm_config, cfg)
+            check_supported(vllm_config, cfg, cls.kvsparse_worker_cls)
+            cls._check_platform(vllm_config, cfg)
         except SparsityConfigError as e:
             if _FROM_CLI:  # started from the command line: one line, no traceback, non-zero exit
                 sys.exit(f"vllm serve: error: {e}")
             raise
-        apply(vllm_config, cfg)
+        changed = apply(vllm_config, cfg, cls.kvsparse_worker_cls)
         block_size_was_set = vllm_config.cache_config.user_specified_block_size
         super().check_and_update_config(vllm_config)
-        if cfg.evicts and not block_size_was_set:
-            # Eviction frees whole blocks: finer blocks free more (the CPU default is 128).
-            vllm_config.cache_config.block_size = EVICTION_BLOCK_SIZE
+        if cfg.enabled:
+            cls._adjust(vllm_config, cfg, changed, block_size_was_set)
+        log_settings(cfg, changed)
+
+    @classmethod
+    def _check_platform(cls, vllm_config, cfg: SparsityConfig) -> None:
+        """Platform-specific refusals (raise SparsityConfigError)."""
+
+    @classmethod
+    def _adjust(cls, vllm_config, cfg: SparsityConfig, changed: list[str],
+                block_size_was_set: bool) -> None:
+        """Platform-specific settings, after vLLM's platform hook; append what changed."""
 
     @classmethod
     def register_custom_kv_cache_specs(cls, vllm_config) -> None:
         super().register_custom_kv_cache_specs(vllm_config)
         from vllm_kvsparse.kv import register_specs
         register_specs()
+
+
+class KVSparseCpuPlatform(KVSparsePlatformMixin, CpuPlatform):
+    """vLLM's CPU platform with the plugin's flags and start-up checks."""
+
+    kvsparse_worker_cls = "vllm_kvsparse.worker.KVSparseCPUWorker"
+
+    @classmethod
+    def _adjust(cls, vllm_config, cfg, changed, block_size_was_set) -> None:
+        if cfg.evicts and not block_size_was_set:
+            # Eviction frees whole blocks: finer blocks free more (the CPU default is 128).
+            vllm_config.cache_config.block_size = EVICTION_BLOCK_SIZE
+            changed.append(f"block_size={EVICTION_BLOCK_SIZE}")

@@ -1,19 +1,21 @@
-"""The plugin's CPU worker: vLLM's CPUWorker plus three duties of the sparse path.
+"""The plugin's workers: vLLM's CPU and GPU workers plus three duties of the sparse path.
 
-- shares its model runner with the attention backend: vLLM 0.32's V1 attention metadata carries
+- share the model runner with the attention backend: vLLM 0.32's V1 attention metadata carries
   no request ids, prompt lengths or image positions (vllm-0.32-internals.md §4.3);
-- with eviction on, declares one KV-cache group per decoder layer (KVSparseAttentionSpec);
-- attaches the step's evicted block ranges to the ModelRunnerOutput for the scheduler.
-The platform sets this class as `worker_cls` when sparsity is on.
+- with eviction on, declare one KV-cache group per decoder layer (KVSparseAttentionSpec);
+- attach the step's evicted block ranges to the ModelRunnerOutput for the scheduler.
+The platform sets one of these classes as `worker_cls` when sparsity is on. vLLM's CPUWorker
+subclasses its GPU Worker, so both have the hooks used here.
 """
 
 from vllm.v1.worker.cpu_worker import CPUWorker
+from vllm.v1.worker.gpu_worker import Worker
 
 from vllm_kvsparse import metrics, runtime
 from vllm_kvsparse.config import SparsityConfig
 
 
-class KVSparseCPUWorker(CPUWorker):
+class KVSparseWorkerMixin:
     def init_device(self):
         super().init_device()
         runtime.bind_runner(self.model_runner)
@@ -49,3 +51,11 @@ class KVSparseCPUWorker(CPUWorker):
                 output.kvsparse_evictions = evictions
             metrics.sink().flush()
         return output
+
+
+class KVSparseCPUWorker(KVSparseWorkerMixin, CPUWorker):
+    pass
+
+
+class KVSparseGPUWorker(KVSparseWorkerMixin, Worker):
+    pass

@@ -262,12 +262,15 @@ def select_important_tokens(query: torch.Tensor, key: torch.Tensor, *, tau: floa
                             num_recent: int = 64, num_random: int = 64,
                             probe_idx: torch.Tensor | None = None, keep_first: int = 4,
                             keep_last: int = 1, scale: float | None = None, seed: int = 0,
-                            candidate_mask: torch.Tensor | None = None) -> Selection:
+                            candidate_mask: torch.Tensor | None = None,
+                            scores_fn=None) -> Selection:
     """ZipVL's important-token set for one sequence in one layer (Eq. 6-9).
 
     query: [n, num_heads, head_dim], key: [n, num_kv_heads, head_dim] (post-RoPE, causal).
     ``probe_idx`` (distinct positions) overrides the default probe choice. ``scale`` defaults to
-    1/sqrt(head_dim). Other parameters: see the module docstring.
+    1/sqrt(head_dim). ``scores_fn(query, key, probe_idx, scale) -> (accumulated, normalized)``
+    replaces `probe_attention_scores` (e.g. the fused Triton kernel,
+    ``vllm_kvsparse.kernels.compute_probe_scores``). Other parameters: see the module docstring.
     """
     n, *_ = _check_qk(query, key)
     _check_tau(tau)
@@ -276,7 +279,7 @@ def select_important_tokens(query: torch.Tensor, key: torch.Tensor, *, tau: floa
     if probe_idx is None:
         probe_idx = default_probe_indices(n, num_recent, num_random, seed)
     probe_idx = _check_probe_idx(probe_idx.cpu(), n).to(query.device)
-    accumulated, normalized = probe_attention_scores(query, key, probe_idx, scale)
+    accumulated, normalized = (scores_fn or probe_attention_scores)(query, key, probe_idx, scale)
     indices, p = select_from_scores(accumulated, normalized, probe_idx.numel(), tau=tau,
                                     keep_first=keep_first, keep_last=keep_last,
                                     candidate_mask=candidate_mask)

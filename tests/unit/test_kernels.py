@@ -211,6 +211,24 @@ def test_compaction_matches_oracle_bitwise(kinds, lens, dtype):
         assert torch.equal(bits(got), bits(want))     # includes every block of other requests
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_compaction_on_flash_attention_cache_views(dtype):
+    """vLLM's FlashAttention layer cache is [blocks, kv_heads, block, 2*d]; its K and V are the
+    strided views transpose(1, 2).split(d, -1) (attention/cuda.py). Both implementations must
+    move tokens through those views and leave the other half (V for K and back) intact."""
+    key_cache, value_cache, tables, kept, cu = compaction_case(["random", "every_other"],
+                                                               [120, 77], dtype)
+    want_k = compaction_oracle(key_cache, tables, kept, cu)
+    want_v = compaction_oracle(value_cache, tables, kept, cu)
+    for impl in (kv_compaction.compact_kv_reference, kv_compaction.compact_kv_triton):
+        layer = torch.cat([key_cache, value_cache], dim=-1).transpose(1, 2).contiguous()
+        k_view, v_view = layer.transpose(1, 2).split(key_cache.shape[-1], dim=-1)
+        assert not k_view.is_contiguous()
+        impl(k_view, v_view, tables, kept, cu)
+        assert torch.equal(bits(k_view), bits(want_k)), impl.__name__
+        assert torch.equal(bits(v_view), bits(want_v)), impl.__name__
+
+
 def test_compaction_plan_has_no_read_write_hazard():
     """The Triton move phase reads sources straight from the cache only when no moving row
     writes that position; everything else comes from the staging buffer."""

@@ -1,63 +1,19 @@
-"""vLLM CPU attention backend with ZipVL token-sparse prefill.
+"""vLLM CPU attention backend with ZipVL token-sparse prefill and KV eviction.
 
-Subclasses vLLM 0.32's CPU backend (v1/attention/backends/cpu_attn.py). With sparsity off it
-is vLLM's backend unchanged. With `--kv-sparsity zipvl`, per step:
-
-  builder.build   splits the batch into rows whose whole prompt is prefilled now ("sparse rows",
-                  long enough and not exempt) and the rest ("dense rows": decode, short prompts),
-                  and builds vLLM's metadata for the dense rows alone.
-  impl.forward    dense rows: vLLM's paged CPU kernel, as stock.
-                  sparse rows: probe scores -> p -> important set T (zipvl.py), attention for
-                  T over T only, zeros for the other rows (ZipVL §3.3), one record per layer.
-
-With eviction on (one KV-cache group per layer, see kv.py) the impl then rewrites each layer's
-kept K/V to the front of the request's blocks (vLLM's own cache-write op, from the plain K/V of
-this step) and reports the blocks no longer needed; the builder gives decode rows of compacted
-requests a virtual block table that skips the freed blocks (per-layer sequence lengths).
+Subclasses vLLM 0.32's CPU backend (v1/attention/backends/cpu_attn.py); everything but the
+compaction write is shared with the CUDA backend (common.py). With sparsity off it is vLLM's
+backend unchanged.
 """
 
 from __future__ import annotations
 
-import logging
-import re
-from dataclasses import dataclass
-
 import torch
-from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttentionBackendImpl,
-                                                 CPUAttentionMetadata,
                                                  CPUAttentionMetadataBuilder)
 
 from vllm import _custom_ops as ops
 
-from vllm_kvsparse import eviction, metrics, runtime
-from vllm_kvsparse.attention.sparse_prefill import SparsePrefill
-from vllm_kvsparse.config import SparsityConfig
-
-logger = logging.getLogger("vllm.kvsparse")
-
-_LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
-
-
-@dataclass
-class SparseRow:
-    """A request whose whole prompt (plus, after a preemption, its recomputed output tokens)
-    is prefilled in this step: batch tokens [start, end), prompt = the first num_prompt."""
-
-    row: int
-    req_id: str
-    start: int
-    end: int
-    num_prompt: int
-    visual_ranges: tuple[tuple[int, int], ...]
-
-
-@dataclass
-class StepPlan:
-    sparse_rows: list[SparseRow]
-    dense_md: CPUAttentionMetadata | None   # vLLM metadata of the dense rows alone
-    dense_tokens: torch.Tensor | None       # their token indices in the batch
-    block_size: int | None                  # set when this layer evicts
+from vllm_kvsparse.attention.common import KVSparseBuilderMixin, KVSparseImplMixin
 
 
 class KVSparseCPUAttentionBackend(CPUAttentionBackend):
@@ -74,187 +30,33 @@ class KVSparseCPUAttentionBackend(CPUAttentionBackend):
         return KVSparseCPUMetadataBuilder
 
 
-class KVSparseCPUMetadataBuilder(CPUAttentionMetadataBuilder):
+class KVSparseCPUMetadataBuilder(KVSparseBuilderMixin, CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self.sparsity = SparsityConfig.from_additional_config(vllm_config.additional_config)
-        if self.sparsity.enabled and self.sparsity.num_layers is None:
-            # Sparsity was asked for, but the platform hooks that prepare vLLM for it never ran.
-            raise RuntimeError(
-                f"kv-sparsity={self.sparsity.method} was requested but the vllm-kvsparse "
-                "platform is not active (is VLLM_TARGET_DEVICE=cpu exported? unset it)")
-        # With eviction each group is one layer (KVSparseAttentionSpec.layer_idx).
-        layer_idx = getattr(kv_cache_spec, "layer_idx", None)
-        self.evict_layer = layer_idx if self.sparsity.evicts and layer_idx is not None else None
-
-    def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
-        if not self.sparsity.enabled:
-            md = super().build(common_prefix_len, common_attn_metadata, fast_build)
-            md.kvsparse = md.kvsparse_decode = None
-            return md
-        rows = runtime.batch_rows(common_attn_metadata.num_reqs)
-        cm, decode_rows = common_attn_metadata, None
-        if rows is not None and self.evict_layer is not None:
-            cm, decode_rows = self._virtual_view(common_attn_metadata, rows)
-        md = super().build(common_prefix_len, cm, fast_build)
-        md.kvsparse = self._plan(cm, rows) if rows is not None else None
-        md.kvsparse_decode = decode_rows
-        return md
-
-    def _virtual_view(self, cm, rows):
-        """Decode rows of requests whose prompt this layer compacted read blocks [0, F) and the
-        tail only. New tensors: the runner's buffers are shared by all groups."""
-        qsl = cm.query_start_loc_cpu.tolist()
-        seq_lens = cm.seq_lens.clone()
-        table = cm.block_table_tensor
-        decode_rows = []
-        for i, row in enumerate(rows):
-            layout = runtime.compaction(row.req_id, self.evict_layer)
-            num_computed = int(seq_lens[i]) - (qsl[i + 1] - qsl[i])
-            if layout is None or num_computed < row.num_prompt_tokens:
-                continue
-            if table is cm.block_table_tensor:
-                table = table.clone()
-            table[i], seq_lens[i] = eviction.virtual_block_row(
-                cm.block_table_tensor[i], *layout, int(seq_lens[i]), self.block_size)
-            decode_rows.append((row.req_id, qsl[i], qsl[i + 1], num_computed))
-        if not decode_rows:
-            return cm, None
-        return cm.replace(seq_lens=seq_lens, block_table_tensor=table,
-                          max_seq_len=int(seq_lens[:cm.num_reqs].max())), decode_rows
-
-    def _plan(self, cm, rows) -> StepPlan | None:
-        qsl = cm.query_start_loc_cpu.tolist()
-        seq_lens = cm.seq_lens.cpu().tolist()
-        sparse, dense = [], []
-        for i, row in enumerate(rows):
-            start, end = qsl[i], qsl[i + 1]
-            num_computed = seq_lens[i] - (end - start)
-            whole_prompt_now = num_computed == 0 and end - start >= row.num_prompt_tokens
-            if whole_prompt_now and row.num_prompt_tokens >= self.sparsity.min_prompt_len:
-                sparse.append(SparseRow(i, row.req_id, start, end, row.num_prompt_tokens,
-                                        row.visual_ranges))
-                continue
-            dense.append(i)
-            if whole_prompt_now:
-                runtime.count_fallback_once(row.req_id, "short_prompt")
-            elif num_computed == 0:  # a prompt split over steps: selection needs it whole
-                runtime.count_fallback_once(row.req_id, "unsupported")
-        if not sparse:
-            return None
-        block_size = self.block_size if self.evict_layer is not None else None
-        return StepPlan(sparse, *self._dense_metadata(cm, dense, qsl), block_size)
-
-    def _dense_metadata(self, cm, dense: list[int], qsl: list[int]):
-        """vLLM metadata for a subset of the rows (their tokens gathered contiguously)."""
-        if not dense:
-            return None, None
-        lens = [qsl[i + 1] - qsl[i] for i in dense]
-        tokens = torch.cat([torch.arange(qsl[i], qsl[i + 1]) for i in dense])
-        starts = torch.tensor([0] + lens).cumsum(0).to(cm.query_start_loc.dtype)
-        idx = torch.tensor(dense)
-        seq_lens = cm.seq_lens[idx]
-        sub = cm.replace(
-            query_start_loc=starts, query_start_loc_cpu=starts, seq_lens=seq_lens,
-            num_reqs=len(dense), num_actual_tokens=int(tokens.numel()),
-            max_query_len=max(lens), max_seq_len=int(seq_lens.max()),
-            block_table_tensor=cm.block_table_tensor[idx],
-            slot_mapping=cm.slot_mapping[tokens])
-        return super().build(0, sub), tokens
+        self._init_sparsity(kv_cache_spec, vllm_config)
 
 
-class KVSparseCPUAttentionImpl(CPUAttentionBackendImpl):
+class KVSparseCPUAttentionImpl(KVSparseImplMixin, CPUAttentionBackendImpl):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        from vllm.config import get_current_vllm_config
+        self._init_sparsity()
 
-        self.sparsity = SparsityConfig.from_additional_config(
-            get_current_vllm_config().additional_config)
-        self._sparse_prefill: SparsePrefill | None = None
-        self._layer_checked = False
-        self._decode_log: dict[str, list] = {}
-
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
-                output_scale=None, output_block_scale=None):
-        plan = getattr(attn_metadata, "kvsparse", None)
-        if plan is None or self.attn_type != AttentionType.DECODER:
-            super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
-                            output_scale, output_block_scale)
-            if getattr(attn_metadata, "kvsparse_decode", None) and self.sparsity.record_tensors:
-                self._record_decode(layer, query, key, value, output, attn_metadata)
-            return output
-        sparse_prefill = self._sparse_prefill_for(layer)
-        if sparse_prefill is None:  # exempt layer: dense for everyone
-            metrics.sink().fallback("exempt_layer", len(plan.sparse_rows))
-            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
-                                   output_scale, output_block_scale)
-        # Select first: a row whose selection keeps every token is plain dense attention, and
-        # runs through vLLM's kernel so its output is bit-identical to stock vLLM.
-        selections = [sparse_prefill.select(row.req_id, query[row.start:row.end],
-                                            key[row.start:row.end], row.num_prompt,
-                                            row.visual_ranges, plan.block_size)
-                      for row in plan.sparse_rows]
-        partial = [(row, sel) for row, sel in zip(plan.sparse_rows, selections)
-                   if not sel.keeps_all]
-        if len(partial) < len(plan.sparse_rows):   # vLLM's kernel for every row, then overwrite
-            super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
-        elif plan.dense_md is not None:            # vLLM's kernel for the dense rows only
-            tokens = plan.dense_tokens
-            dense_out = torch.empty_like(output[tokens])
-            super().forward(layer, query[tokens], key[tokens], value[tokens], kv_cache,
-                            plan.dense_md, dense_out)
-            output[tokens] = dense_out
-        for row, sel in partial:
-            s, e = row.start, row.end
-            output[s:e] = sparse_prefill.attend(sel, query[s:e], key[s:e], value[s:e])
-        if plan.block_size is not None:  # after every read of this step: compact, then report
-            for row, sel in zip(plan.sparse_rows, selections):
-                self._compact(layer, row, sel, key, value, kv_cache, attn_metadata.block_table,
-                              plan.block_size, sparse_prefill.layer_idx)
-        return output
-
-    def _compact(self, layer, row, sel, key, value, kv_cache, block_table, block_size,
-                 layer_idx) -> None:
-        """Rewrite the kept prompt tokens before M into slots [0, F*bs) of the request's blocks.
-
-        The CPU cache's element order inside a block is ISA-specific (vllm-0.32-internals.md
-        §2.4), so tokens are written through vLLM's own cache-write op from the plain K/V of
-        this step rather than moved inside the cache."""
-        front, prompt_blocks = sel.front_blocks, sel.prompt_blocks
-        if front < prompt_blocks:
+    def _compact_rows(self, layer, rows, key, value, kv_cache, block_table, block_size) -> None:
+        """The CPU cache's element order inside a block is ISA-specific (vllm-0.32-internals.md
+        §2.4), so the kept tokens are re-written through vLLM's own cache-write op from the
+        plain K/V of this step rather than moved inside the cache."""
+        num_blocks, num_kv_heads, _, _ = kv_cache.shape
+        key_cache, value_cache = kv_cache.view(
+            num_blocks, num_kv_heads, block_size * 2, -1).chunk(2, dim=2)
+        for row, sel in rows:
+            front = sel.front_blocks
+            if front >= sel.prompt_blocks:
+                continue
             kept_front = sel.indices[:front * block_size].to(key.device) + row.start
             slots = torch.arange(front * block_size, device=key.device)
             slots = block_table[row.row, slots // block_size].long() * block_size \
                 + slots % block_size
-            num_blocks, num_kv_heads, _, _ = kv_cache.shape
-            key_cache, value_cache = kv_cache.view(
-                num_blocks, num_kv_heads, block_size * 2, -1).chunk(2, dim=2)
             ops.cpu_attn_reshape_and_cache(
                 key[kept_front], value[kept_front], key_cache, value_cache, slots, layer.isa,
                 k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
                 kv_cache_dtype=self.kv_cache_dtype)
-        runtime.note_compaction(row.req_id, layer_idx, front, prompt_blocks)
-
-    def _record_decode(self, layer, query, key, value, output, attn_metadata) -> None:
-        """Debug (record_tensors): each decode token's q, k, v and output, per request, so a
-        test can recompute decode attention over the recorded kept set."""
-        import os
-        for req_id, start, end, position in attn_metadata.kvsparse_decode:
-            store = self._decode_log.setdefault(req_id, [])
-            store.append({"position": position, "query": query[start:end].clone(),
-                          "key": key[start:end].clone(), "value": value[start:end].clone(),
-                          "output": output[start:end].clone()})
-            torch.save(store, os.path.join(self.sparsity.record_dir,
-                                           f"decode-{req_id}-{layer.layer_name}.pt"))
-
-    def _sparse_prefill_for(self, layer) -> SparsePrefill | None:
-        """This layer's sparse prefill, or None for an exempt layer (decided once)."""
-        if not self._layer_checked:
-            self._layer_checked = True
-            match = _LAYER_INDEX.search(layer.layer_name)
-            layer_idx = int(match.group(1)) if match else -1
-            if self.sparsity.layer_is_sparse(layer_idx):
-                self._sparse_prefill = SparsePrefill(self.sparsity, layer_idx, self.scale)
-            logger.debug("vllm-kvsparse: %s sparse=%s", layer.layer_name,
-                         self._sparse_prefill is not None)
-        return self._sparse_prefill

@@ -1,7 +1,9 @@
 """ZipVL sparse prefill of one request in one layer: the device-independent part of the glue.
 
 Calls the pure selection math (vllm_kvsparse.zipvl) and the attention kernels, and records the
-kept set. Shared by the CPU backend and, later, the GPU one.
+kept set. Shared by the CPU and CUDA backends. On CUDA tensors the probe scores and the sparse
+attention run the project's Triton kernels (vllm_kvsparse.kernels); on CPU tensors the torch
+paths of zipvl.py (fp32, SDPA's fused CPU kernel).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_kvsparse import eviction, metrics, runtime, zipvl
+from vllm_kvsparse import eviction, kernels, metrics, runtime, zipvl
 from vllm_kvsparse.config import SparsityConfig
 from vllm_kvsparse.records import LayerRecord, Recorder
 
@@ -58,7 +60,8 @@ class SparsePrefill:
             query[:n], key[:n], tau=self.cfg.tau, num_recent=self.cfg.num_recent_probes,
             num_random=self.cfg.num_random_probes, keep_first=self.cfg.keep_first,
             keep_last=self.cfg.keep_last, scale=self.scale, seed=self.cfg.seed,
-            candidate_mask=candidates)
+            candidate_mask=candidates,
+            scores_fn=_fused_probe_scores if query.is_cuda else None)
         indices, front_blocks, prompt_blocks = sel.indices, None, None
         if block_size is not None:
             indices, front_blocks = eviction.kept_set_for_eviction(
@@ -86,10 +89,9 @@ class SparsePrefill:
         out = torch.empty_like(query)
         if self.cfg.evicts or t == n:
             rows = torch.cat([sel.indices.to(query.device), torch.arange(n, t, device=query.device)])
-            out[:] = zipvl.sparse_prefill_attention_reference(query, key, value, rows, self.scale)
+            out[:] = _sparse_attention(query, key, value, rows, self.scale)
         else:
-            out[:n] = zipvl.sparse_prefill_attention_reference(
-                query[:n], key[:n], value[:n], sel.indices, self.scale)
+            out[:n] = _sparse_attention(query[:n], key[:n], value[:n], sel.indices, self.scale)
             out[n:] = _dense_tail(query, key, value, n, self.scale)
         if self.cfg.record_dir and self.cfg.record_tensors:
             self._save_tensors(sel, query, key, value, out)
@@ -101,6 +103,22 @@ class SparsePrefill:
                             f"tensors-{sel.req_id}-layer{self.layer_idx}.pt")
         torch.save({"query": query, "key": key, "value": value, "output": out,
                     "kept": sel.indices, "scale": self.scale}, path)
+
+
+def _fused_probe_scores(query, key, probe_idx, scale):
+    """Eq. 6 / Eq. 8 scores by the fused Triton kernel (no [H, m, n] matrix)."""
+    return kernels.compute_probe_scores(query[probe_idx], probe_idx, key, scale=scale)
+
+
+def _sparse_attention(query, key, value, indices, scale) -> torch.Tensor:
+    """Causal attention among the kept rows of one sequence, zeros elsewhere: the Triton
+    gather-on-the-fly kernel on CUDA, SDPA over the gathered rows on CPU."""
+    if not query.is_cuda:
+        return zipvl.sparse_prefill_attention_reference(query, key, value, indices, scale)
+    bounds = torch.tensor([0, query.shape[0]], dtype=torch.int32, device=query.device)
+    kept = torch.tensor([0, indices.numel()], dtype=torch.int32, device=query.device)
+    return kernels.sparse_prefill_attention(query, key, value, indices, bounds, kept,
+                                            scale=scale, max_kept=indices.numel())
 
 
 def _dense_tail(query, key, value, start: int, scale: float) -> torch.Tensor:

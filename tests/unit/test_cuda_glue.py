@@ -1,0 +1,262 @@
+"""The CUDA glue (attention/cuda.py, platform_cuda.py) exercised on CPU with vLLM's own classes.
+
+No GPU and no FlashAttention kernel here, so this checks everything around that kernel: the
+FlashAttention metadata builder's per-step plan (sparse rows, dense-row sub-metadata, virtual
+block tables of compacted requests), the impl's sparse rows (selection, sparse attention,
+in-cache compaction through FlashAttention's cache views, eviction report), the CUDA-graph
+support reported to vLLM, and the CUDA platform's start-up checks. The dense-row call into
+FlashAttention itself only runs on a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vllm_kvsparse import runtime, zipvl
+from vllm_kvsparse.records import read_records
+
+BLOCK = 16
+HEADS, KV_HEADS, HEAD_DIM = 4, 2, 32
+LAYER = "model.language_model.layers.0.self_attn.attn"
+
+
+@pytest.fixture
+def vllm_config(tiny_model, tmp_path, monkeypatch):
+    """A real VllmConfig of the tiny model with zipvl + eviction (built on the CPU platform;
+    the FlashAttention classes only read its generic parts)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_kvsparse.attention import sparse_prefill
+
+    monkeypatch.setenv("VLLM_KVSPARSE_STATS_DIR", str(tmp_path / "stats"))
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
+    monkeypatch.setattr(sparse_prefill, "_RECORDER", None)
+    (tmp_path / "stats").mkdir()
+    options = {"tau": 0.5, "min_prompt_len": 64, "num_recent_probes": 8,
+               "num_random_probes": 8, "record_dir": str(tmp_path / "records")}
+    args = EngineArgs(model=tiny_model, max_model_len=512, block_size=BLOCK,
+                      additional_config={"kv_sparsity": "zipvl",
+                                         "kv_sparsity_config": options})
+    return args.create_engine_config()
+
+
+def flash_builder(vllm_config, layer_idx=0):
+    from vllm_kvsparse.attention.cuda import KVSparseFlashAttentionMetadataBuilder
+    from vllm_kvsparse.kv import KVSparseAttentionSpec
+
+    spec = KVSparseAttentionSpec(block_size=BLOCK, num_kv_heads=KV_HEADS, head_size=HEAD_DIM,
+                                 dtype=torch.float32, layer_idx=layer_idx)
+    return KVSparseFlashAttentionMetadataBuilder(spec, [LAYER], vllm_config, torch.device("cpu"))
+
+
+def common_metadata(query_lens, seq_lens, tables):
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    qsl = torch.tensor([0] + query_lens).cumsum(0).int()
+    seq = torch.tensor(seq_lens, dtype=torch.int32)
+    slots = []
+    for r, (q, s) in enumerate(zip(query_lens, seq_lens)):
+        pos = torch.arange(s - q, s)
+        slots.append(tables[r, pos // BLOCK].long() * BLOCK + pos % BLOCK)
+    return CommonAttentionMetadata(
+        query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq, num_reqs=len(query_lens),
+        num_actual_tokens=sum(query_lens), max_query_len=max(query_lens),
+        max_seq_len=max(seq_lens), block_table_tensor=tables, slot_mapping=torch.cat(slots),
+        seq_lens_cpu_upper_bound=seq.clone())
+
+
+def test_builder_plans_sparse_rows_and_dense_sub_metadata(vllm_config):
+    """Batch: a decode row, a 100-token prompt (sparse), a 20-token prompt (dense, short)."""
+    builder = flash_builder(vllm_config)
+    tables = torch.arange(30, dtype=torch.int32).reshape(3, 10)
+    cm = common_metadata([1, 100, 20], [41, 100, 20], tables)
+    rows = [runtime.RequestRow("decode", 30, ()), runtime.RequestRow("long", 100, ((10, 90),)),
+            runtime.RequestRow("short", 20, ())]
+    plan = builder._plan(cm, rows)
+    assert [(r.req_id, r.start, r.end, r.num_prompt) for r in plan.sparse_rows] == \
+        [("long", 1, 101, 100)]
+    assert plan.block_size == BLOCK                          # layer 0 evicts
+    assert plan.dense_tokens.tolist() == [0] + list(range(101, 121))
+    md = plan.dense_md                                       # vLLM's FlashAttentionMetadata
+    assert type(md).__name__ == "FlashAttentionMetadata"
+    assert md.query_start_loc.tolist() == [0, 1, 21]
+    assert md.seq_lens.tolist() == [41, 20]
+    assert md.block_table.tolist() == tables[[0, 2]].tolist()
+    assert torch.equal(md.slot_mapping, cm.slot_mapping[plan.dense_tokens])
+    assert (md.num_actual_tokens, md.max_query_len, md.max_seq_len) == (21, 20, 41)
+
+
+def test_builder_gives_compacted_decode_rows_a_virtual_block_table(vllm_config):
+    builder = flash_builder(vllm_config)
+    tables = torch.arange(20, dtype=torch.int32).reshape(2, 10) + 100
+    cm = common_metadata([1, 1], [71, 40], tables)
+    rows = [runtime.RequestRow("a", 70, ()), runtime.RequestRow("b", 39, ())]
+    runtime.note_compaction("a", 0, 2, 4)        # layer 0 kept blocks [0, 2) of 4 full ones
+    try:
+        view, decode_rows = builder._virtual_view(cm, rows)
+    finally:
+        runtime.take_evictions(set())            # drop the bookkeeping
+    assert decode_rows == [("a", 0, 1, 70)]
+    assert view.seq_lens.tolist() == [71 - 2 * BLOCK, 40]
+    assert view.block_table_tensor[0].tolist()[:4] == [100, 101, 104, 105]
+    assert view.block_table_tensor[1].tolist() == tables[1].tolist()
+    assert cm.seq_lens.tolist() == [71, 40]      # the runner's shared buffers are untouched
+    assert cm.block_table_tensor[0].tolist() == tables[0].tolist()
+    assert view.max_seq_len == 40
+
+
+def test_cudagraph_support_reported_to_vllm(vllm_config):
+    from vllm.v1.attention.backend import AttentionCGSupport
+    from vllm_kvsparse.attention.cuda import KVSparseFlashAttentionMetadataBuilder as B
+
+    assert B.get_cudagraph_support(vllm_config, None) == AttentionCGSupport.NEVER  # evicting
+    ac = dict(vllm_config.additional_config)
+    ac["kv_sparsity_config"] = dict(ac["kv_sparsity_config"], evict=False)
+    no_evict = SimpleNamespace(additional_config=ac)
+    assert B.get_cudagraph_support(no_evict, None).value <= \
+        AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE.value
+
+
+def peaked_prompt(n, seed):
+    """q/k with a few heavy-hitter keys, so tau 0.5 keeps a small set."""
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randn(HEADS, HEAD_DIM, generator=g)
+    q = torch.randn(n, HEADS, HEAD_DIM, generator=g) * 0.3 + shared
+    k = torch.randn(n, KV_HEADS, HEAD_DIM, generator=g) * 0.1
+    k[[0, 7, 33, 61]] += 2.0 * shared.reshape(KV_HEADS, -1, HEAD_DIM).mean(1)
+    v = torch.randn(n, KV_HEADS, HEAD_DIM, generator=g)
+    return q, k, v
+
+
+def test_impl_sparse_rows_attend_over_kept_set_and_compact_in_cache(vllm_config):
+    """Two 100-token prompts prefilled in one step through KVSparseFlashAttentionImpl.forward:
+    outputs equal the fp32 reference on the recorded kept sets, each request's kept K/V are
+    moved inside FlashAttention's cache views to its first blocks, the rest of the cache is
+    untouched, and the evicted block ranges are reported."""
+    from vllm.config import set_current_vllm_config
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadataBuilder
+
+    from vllm_kvsparse.attention.cuda import KVSparseFlashAttentionImpl, flash_attn_kv_views
+
+    n, num_blocks = 100, 16
+    prompts = [peaked_prompt(n, seed) for seed in (1, 2)]
+    q, k, v = (torch.cat([p[i] for p in prompts]) for i in range(3))
+    tables = torch.tensor([[3, 9, 1, 12, 5, 7, 0, 15], [2, 4, 6, 8, 10, 11, 13, 14]],
+                          dtype=torch.int32)
+    kv_cache = torch.randn(num_blocks, KV_HEADS, BLOCK, 2 * HEAD_DIM)
+    key_cache, value_cache = flash_attn_kv_views(kv_cache, HEAD_DIM)
+    cm = common_metadata([n, n], [n, n], tables)
+    for r in range(2):                           # what do_kv_cache_update wrote before forward
+        for pos in range(n):
+            block, slot = tables[r, pos // BLOCK], pos % BLOCK
+            key_cache[block, slot], value_cache[block, slot] = k[r * n + pos], v[r * n + pos]
+    before = kv_cache.clone()
+
+    builder = flash_builder(vllm_config)
+    md = FlashAttentionMetadataBuilder.build(builder, 0, cm)
+    md.kvsparse = builder._plan(cm, [runtime.RequestRow("r0", n, ()),
+                                     runtime.RequestRow("r1", n, ())])
+    md.kvsparse_decode = None
+    assert md.kvsparse.dense_md is None
+    with set_current_vllm_config(vllm_config):
+        impl = KVSparseFlashAttentionImpl(HEADS, HEAD_DIM, HEAD_DIM ** -0.5, KV_HEADS, None,
+                                          None, "auto")
+    out = torch.full_like(q, float("nan"))
+    impl.forward(SimpleNamespace(layer_name=LAYER), q, k, v, kv_cache, md, out)
+    evictions = runtime.take_evictions(set())
+
+    records = {r["req_id"]: r for r in read_records(impl.sparsity.record_dir)}
+    for r, req in enumerate(("r0", "r1")):
+        kept = torch.tensor(records[req]["kept"])
+        assert 0 < kept.numel() < n
+        s = slice(r * n, (r + 1) * n)
+        want = zipvl.sparse_prefill_attention_reference(q[s], k[s], v[s], kept, impl.scale)
+        torch.testing.assert_close(out[s], want, rtol=1e-5, atol=1e-5)
+        front, full = evictions[req][0]
+        assert full == n // BLOCK and 0 < front < full
+        moved = kept[:front * BLOCK]
+        for j, pos in enumerate(moved.tolist()):        # compacted front, in order
+            block, slot = tables[r, j // BLOCK], j % BLOCK
+            assert torch.equal(key_cache[block, slot], k[r * n + pos])
+            assert torch.equal(value_cache[block, slot], v[r * n + pos])
+        tail = tables[r, full]                           # the partial last block stays put
+        assert torch.equal(kv_cache[tail], before[tail])
+    untouched = sorted(set(range(num_blocks)) - set(tables.flatten().tolist()))
+    assert torch.equal(kv_cache[untouched], before[untouched])
+
+
+CUDA_PLATFORM_SCRIPT = textwrap.dedent("""
+    import json, sys, types
+    # vllm.platforms.cuda imports a compiled CUDA extension at module level; the hooks under
+    # test do not use it. Stubbed in this child process only.
+    sys.modules["vllm._C_stable_libtorch"] = types.ModuleType("vllm._C_stable_libtorch")
+    from vllm.platforms.cuda import CudaPlatform
+    from vllm.platforms.interface import DeviceCapability
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum as E
+    from vllm_kvsparse import platform_cuda as pc
+    from vllm_kvsparse.config import SparsityConfig, SparsityConfigError
+
+    # vLLM binds CudaPlatform to its NVML or non-NVML class at import; the plugin follows.
+    out = {"mro": [c.__name__ for c in pc.KVSparseCudaPlatform.__mro__[:3]],
+           "same_base": pc.KVSparseCudaPlatform.__mro__[2] is CudaPlatform,
+           "worker": pc.KVSparseCudaPlatform.kvsparse_worker_cls}
+    cfg = SparsityConfig.from_options("zipvl", {})
+    def config(backend=None, async_scheduling=True):
+        return types.SimpleNamespace(
+            attention_config=types.SimpleNamespace(backend=backend),
+            scheduler_config=types.SimpleNamespace(async_scheduling=async_scheduling))
+    errors = []
+    for backend, cap in ((E.TRITON_ATTN, DeviceCapability(9, 0)),
+                         (None, DeviceCapability(7, 5))):
+        try:
+            pc.check_attention_backend(config(backend), cfg, cap)
+        except SparsityConfigError as e:
+            errors.append(str(e))
+    pc.check_attention_backend(config(E.FLASH_ATTN), cfg, DeviceCapability(8, 0))
+    vc, changed = config(), []
+    pc.select_attention_backend(vc, changed)
+    pc.disable_async_scheduling(vc, changed)
+    out.update(errors=errors, backend=vc.attention_config.backend.name,
+               async_scheduling=vc.scheduler_config.async_scheduling, changed=changed)
+    print("RESULT " + json.dumps(out))
+""")
+
+
+def test_cuda_platform_wiring_and_start_up_checks():
+    proc = subprocess.run([sys.executable, "-c", CUDA_PLATFORM_SCRIPT], capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ))
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    out = json.loads(lines[-1].removeprefix("RESULT "))
+    assert out["mro"][:2] == ["KVSparseCudaPlatform", "KVSparsePlatformMixin"]
+    assert out["same_base"] and out["mro"][2] in ("NvmlCudaPlatform", "NonNvmlCudaPlatform")
+    assert out["worker"] == "vllm_kvsparse.worker.KVSparseGPUWorker"
+    assert len(out["errors"]) == 2
+    assert "--attention-backend=TRITON_ATTN" in out["errors"][0]
+    assert "FLASH_ATTN" in out["errors"][0] and "\n" not in out["errors"][0]
+    assert "compute capability >= 8.0" in out["errors"][1] and "7.5" in out["errors"][1]
+    assert out["backend"] == "FLASH_ATTN" and out["async_scheduling"] is False
+    assert out["changed"] == ["attention backend FLASH_ATTN", "async scheduling off"]
+
+
+def test_gpu_worker_and_backend_registration_targets():
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
+    from vllm.v1.worker.gpu_worker import Worker
+
+    from vllm_kvsparse import plugin
+    from vllm_kvsparse.attention.cuda import KVSparseFlashAttentionBackend as B
+    from vllm_kvsparse.worker import KVSparseGPUWorker
+
+    assert issubclass(KVSparseGPUWorker, Worker)
+    assert issubclass(B, FlashAttentionBackend) and B.get_name() == "FLASH_ATTN"
+    assert B.forward_includes_kv_cache_update is False   # cache written before forward
+    name, path = plugin._BACKENDS["cuda"]
+    assert name == B.get_name() and path.endswith(B.__name__)

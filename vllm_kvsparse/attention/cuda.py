@@ -1,0 +1,90 @@
+"""vLLM FlashAttention backend (the default on CUDA) with ZipVL token-sparse prefill and KV
+eviction.
+
+Subclasses vLLM 0.32's FlashAttention backend (v1/attention/backends/flash_attn.py); the plan,
+selection, sparse attention and bookkeeping are shared with the CPU backend (common.py). What
+is CUDA-specific is only:
+  - the compaction: FlashAttention's cache is plain [block, slot, kv_head, head_dim] per K and
+    V (strided views of the layer's tensor), so kept tokens are moved inside the cache by the
+    project's Triton kernel (vllm_kvsparse.kernels.compact_kv), one launch per layer and step;
+  - CUDA graphs: the plan and the virtual block tables are Python-side, per step. Full graphs
+    are therefore limited to pure single-token decode batches, and disabled with eviction on
+    (decode rows then read per-layer virtual tables that a captured graph would not see);
+    piecewise graphs, which run attention eagerly, stay on. vLLM itself downgrades the graph
+    mode from what the builder reports (`get_cudagraph_support`).
+The probe-score and sparse-attention kernels are picked in sparse_prefill.py by the tensors'
+device (Triton on CUDA).
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.v1.attention.backend import AttentionCGSupport
+from vllm.v1.attention.backends.flash_attn import (FlashAttentionBackend, FlashAttentionImpl,
+                                                   FlashAttentionMetadataBuilder)
+
+from vllm_kvsparse import kernels
+from vllm_kvsparse.attention.common import (KVSparseBuilderMixin, KVSparseImplMixin,
+                                            sparsity_from)
+
+
+class KVSparseFlashAttentionBackend(FlashAttentionBackend):
+    @staticmethod
+    def get_name() -> str:
+        return "FLASH_ATTN"  # must stay an AttentionBackendEnum member name
+
+    @staticmethod
+    def get_impl_cls():
+        return KVSparseFlashAttentionImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return KVSparseFlashAttentionMetadataBuilder
+
+
+class KVSparseFlashAttentionMetadataBuilder(KVSparseBuilderMixin, FlashAttentionMetadataBuilder):
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self._init_sparsity(kv_cache_spec, vllm_config)
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+        stock = super().get_cudagraph_support(vllm_config, kv_cache_spec)
+        sparsity = sparsity_from(vllm_config)
+        if not sparsity.enabled:
+            return stock
+        wanted = (AttentionCGSupport.NEVER if sparsity.evicts
+                  else AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE)
+        return wanted if wanted.value < stock.value else stock
+
+
+class KVSparseFlashAttentionImpl(KVSparseImplMixin, FlashAttentionImpl):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_sparsity()
+
+    def _compact_rows(self, layer, rows, key, value, kv_cache, block_table, block_size) -> None:
+        key_cache, value_cache = flash_attn_kv_views(kv_cache, self.head_size)
+        compact_in_cache(key_cache, value_cache, block_table, rows, block_size)
+
+
+def flash_attn_kv_views(kv_cache: torch.Tensor, head_size: int):
+    """FlashAttentionImpl's own split of a layer's cache (flash_attn.py, `forward`):
+    logical [num_blocks, num_kv_heads, block_size, 2 * head_size] -> K and V views
+    [num_blocks, block_size, num_kv_heads, head_size] (strided; head_dim contiguous)."""
+    return kv_cache.transpose(1, 2).split(head_size, dim=-1)
+
+
+def compact_in_cache(key_cache: torch.Tensor, value_cache: torch.Tensor,
+                     block_table: torch.Tensor, rows, block_size: int) -> None:
+    """Move each row's kept prompt tokens before M (sel.indices[:F * block_size]) to the first
+    F blocks of its request, in order, inside the paged cache; one kernel call for the step."""
+    moving = [(row, sel) for row, sel in rows if sel.front_blocks < sel.prompt_blocks]
+    if not moving:
+        return
+    device = key_cache.device
+    kept = torch.cat([sel.indices[:sel.front_blocks * block_size] for _, sel in moving])
+    counts = [sel.front_blocks * block_size for _, sel in moving]
+    cu_kept = torch.tensor([0] + counts).cumsum(0).to(device)
+    tables = block_table[torch.tensor([row.row for row, _ in moving], device=block_table.device)]
+    kernels.compact_kv(key_cache, value_cache, tables, kept.to(device), cu_kept)
