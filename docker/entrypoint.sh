@@ -5,8 +5,8 @@
 #
 #   MODEL              model path or Hugging Face id (required; each image sets a default)
 #   KVSPARSE_METHOD    none | zipvl (default zipvl). With `none` NO plugin flag is passed, so
-#                      the command is plain `vllm serve` (needed on the GPU build today, where
-#                      the plugin does not add --kv-sparsity yet and vLLM would reject it).
+#                      the command is plain `vllm serve` (works even where the plugin's
+#                      platform is inactive and --kv-sparsity would be an unknown flag).
 #   KVSPARSE_CONFIG    JSON object for --kv-sparsity-config (optional; ignored with `none`)
 #   HOST, PORT         bind address and port (default 0.0.0.0, 8000)
 #   SERVED_MODEL_NAME  --served-model-name (optional; it is the `model_name` metric label)

