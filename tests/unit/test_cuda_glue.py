@@ -260,3 +260,25 @@ def test_gpu_worker_and_backend_registration_targets():
     assert B.forward_includes_kv_cache_update is False   # cache written before forward
     name, path = plugin._BACKENDS["cuda"]
     assert name == B.get_name() and path.endswith(B.__name__)
+
+
+def test_cuda_kernel_calls_of_sparse_prefill_match_the_cpu_paths():
+    """The two calls SparsePrefill makes on CUDA tensors, forced onto the Triton kernels
+    (interpreter, fp32), agree with the torch paths it uses on CPU."""
+    from functools import partial
+
+    from vllm_kvsparse.attention import sparse_prefill as sp
+
+    q, k, v = peaked_prompt(96, seed=3)
+    scale = HEAD_DIM ** -0.5
+    common = dict(tau=0.5, num_recent=8, num_random=8, scale=scale, seed=0)
+    torch_sel = zipvl.select_important_tokens(q, k, **common)
+    triton_sel = zipvl.select_important_tokens(
+        q, k, scores_fn=partial(sp._fused_probe_scores, backend="triton"), **common)
+    torch.testing.assert_close(triton_sel.accumulated, torch_sel.accumulated,
+                               rtol=1e-4, atol=1e-5)
+    assert torch.equal(triton_sel.indices, torch_sel.indices)
+    assert 0 < torch_sel.indices.numel() < 96
+    want = sp._sparse_attention(q, k, v, torch_sel.indices, scale)             # CPU: SDPA
+    got = sp._sparse_attention(q, k, v, torch_sel.indices, scale, backend="triton")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

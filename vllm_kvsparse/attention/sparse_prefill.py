@@ -105,20 +105,22 @@ class SparsePrefill:
                     "kept": sel.indices, "scale": self.scale}, path)
 
 
-def _fused_probe_scores(query, key, probe_idx, scale):
+def _fused_probe_scores(query, key, probe_idx, scale, backend: str = "auto"):
     """Eq. 6 / Eq. 8 scores by the fused Triton kernel (no [H, m, n] matrix)."""
-    return kernels.compute_probe_scores(query[probe_idx], probe_idx, key, scale=scale)
+    return kernels.compute_probe_scores(query[probe_idx], probe_idx, key, scale=scale,
+                                        backend=backend)
 
 
-def _sparse_attention(query, key, value, indices, scale) -> torch.Tensor:
+def _sparse_attention(query, key, value, indices, scale, backend: str = "auto") -> torch.Tensor:
     """Causal attention among the kept rows of one sequence, zeros elsewhere: the Triton
     gather-on-the-fly kernel on CUDA, SDPA over the gathered rows on CPU."""
-    if not query.is_cuda:
+    if backend == "auto" and not query.is_cuda:
         return zipvl.sparse_prefill_attention_reference(query, key, value, indices, scale)
     bounds = torch.tensor([0, query.shape[0]], dtype=torch.int32, device=query.device)
     kept = torch.tensor([0, indices.numel()], dtype=torch.int32, device=query.device)
     return kernels.sparse_prefill_attention(query, key, value, indices, bounds, kept,
-                                            scale=scale, max_kept=indices.numel())
+                                            scale=scale, max_kept=indices.numel(),
+                                            backend=backend)
 
 
 def _dense_tail(query, key, value, start: int, scale: float) -> torch.Tensor:
