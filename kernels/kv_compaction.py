@@ -43,11 +43,11 @@ except ImportError:  # CPU runtime without triton: the references below still wo
 # ----------------------------------------------------------------------------- torch references
 
 
-def flat_slots(block_tables: torch.Tensor, request: torch.Tensor, pos: torch.Tensor,
-               block_size: int) -> torch.Tensor:
-    """Flat slot ids ``block * block_size + pos % block_size`` for (request, position) pairs."""
+def block_and_slot(block_tables: torch.Tensor, request: torch.Tensor, pos: torch.Tensor,
+                   block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cache coordinates ``(block, pos % block_size)`` of (request, position) pairs."""
     blocks = block_tables.long()[request.long(), pos.long() // block_size]
-    return blocks * block_size + pos.long() % block_size
+    return blocks, pos.long() % block_size
 
 
 def compaction_plan(kept: torch.Tensor, cu_kept: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -97,11 +97,10 @@ def compact_kv_reference(key_cache: torch.Tensor, value_cache: torch.Tensor,
     check_compaction_args(block_tables, kept, cu_kept, block_size)
     plan = compaction_plan(kept.to(key_cache.device), cu_kept)
     tables = block_tables.to(key_cache.device)
-    src = flat_slots(tables, plan["request"], kept.to(key_cache.device), block_size)
-    dst = flat_slots(tables, plan["request"], plan["dst"], block_size)
+    src = block_and_slot(tables, plan["request"], kept.to(key_cache.device), block_size)
+    dst = block_and_slot(tables, plan["request"], plan["dst"], block_size)
     for cache in (key_cache, value_cache):
-        rows = cache[src // block_size, src % block_size]      # advanced indexing copies
-        cache[dst // block_size, dst % block_size] = rows
+        cache[dst] = cache[src]      # advanced indexing: the read copies before the write
 
 
 def compact_blocks_reference(kv_cache: torch.Tensor, block_table_row: torch.Tensor,

@@ -34,7 +34,8 @@ try:
 except ImportError:  # CPU runtime without triton: the reference below still works
     triton = tl = None
 
-LOG2E = 1.4426950408889634
+from .triton_common import LOG2E, dot
+
 
 
 # ----------------------------------------------------------------------------- torch reference
@@ -87,15 +88,6 @@ def _dense_keys(key, key_cache, block_table, seq_len):
 if triton is not None:
 
     @triton.jit
-    def _dot(a, b, EXACT: tl.constexpr):
-        """fp32 operands (CPU interpreter, fp32 inputs): exact IEEE products. 16-bit operands
-        (GPU): tensor cores, exact products, fp32 accumulation."""
-        if EXACT:
-            return tl.dot(a, b, input_precision="ieee")
-        else:
-            return tl.dot(a, b)
-
-    @triton.jit
     def _key_row_offsets(cols, col_mask, bt_ptr, page_size, stride_page, stride_slot,
                          PAGED: tl.constexpr):
         """Element offset of key row `cols` in the (dense or paged) key tensor."""
@@ -137,7 +129,7 @@ if triton is not None:
                         mask=col_mask[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
             if UPCAST:
                 k = k.to(tl.float32)
-            s = _dot(q, tl.trans(k), UPCAST) * qk_scale
+            s = dot(q, tl.trans(k), UPCAST) * qk_scale
             s = tl.where(cols[None, :] <= pos[:, None], s, float("-inf"))
             new_max = tl.maximum(row_max, tl.max(s, 1))
             safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -182,7 +174,7 @@ if triton is not None:
                             q = q.to(tl.float32)
                         row_max = tl.load(max_ptr + head * m + rows, mask=row_mask, other=0.0)
                         row_sum = tl.load(sum_ptr + head * m + rows, mask=row_mask, other=1.0)
-                        s = _dot(q, tl.trans(k), UPCAST) * qk_scale
+                        s = dot(q, tl.trans(k), UPCAST) * qk_scale
                         prob = tl.exp2(s - row_max[:, None]) / row_sum[:, None]
                         seen = (cols[None, :] <= pos[:, None]) & col_mask[None, :]
                         col_sum += tl.sum(tl.where(seen, prob, 0.0), 0)

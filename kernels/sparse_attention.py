@@ -34,7 +34,8 @@ try:
 except ImportError:  # CPU runtime without triton: the reference below still works
     triton = tl = None
 
-LOG2E = 1.4426950408889634
+from .triton_common import LOG2E, dot
+
 
 
 # ----------------------------------------------------------------------------- torch reference
@@ -75,15 +76,6 @@ def sparse_attention_reference(query: torch.Tensor, key: torch.Tensor, value: to
 if triton is not None:
 
     @triton.jit
-    def _dot(a, b, EXACT: tl.constexpr):
-        """fp32 operands (CPU interpreter, fp32 inputs): exact IEEE products. 16-bit operands
-        (GPU): tensor cores, exact products, fp32 accumulation."""
-        if EXACT:
-            return tl.dot(a, b, input_precision="ieee")
-        else:
-            return tl.dot(a, b)
-
-    @triton.jit
     def _attend_tile(acc, row_max, row_sum, q, k_ptr, v_ptr, idx_ptr, tok0, ranks, start, t_len,
                      qk_scale, stride_kt, stride_vt, dims, dims_v,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -99,14 +91,14 @@ if triton is not None:
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = _dot(q, tl.trans(k), UPCAST) * qk_scale
+        s = dot(q, tl.trans(k), UPCAST) * qk_scale
         if CAUSAL_MASK:
             s = tl.where((cols[None, :] <= ranks[:, None]) & col_mask[None, :], s, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(s, 1))
         alpha = tl.exp2(row_max - new_max)
         p = tl.exp2(s - new_max[:, None])
         row_sum = row_sum * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, UPCAST)
         return acc, new_max, row_sum
 
     @triton.jit

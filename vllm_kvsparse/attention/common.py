@@ -140,9 +140,9 @@ class KVSparseBuilderMixin:
         if not sparse:
             return None
         block_size = self.block_size if self.evict_layer is not None else None
-        return StepPlan(sparse, *self._dense_metadata(cm, dense, qsl), block_size)
+        return StepPlan(sparse, *self._dense_metadata(cm, dense, qsl, seq_lens), block_size)
 
-    def _dense_metadata(self, cm, dense: list[int], qsl: list[int]):
+    def _dense_metadata(self, cm, dense: list[int], qsl: list[int], seq_lens_host: list[int]):
         """vLLM metadata for a subset of the rows (their tokens gathered contiguously)."""
         if not dense:
             return None, None
@@ -152,7 +152,7 @@ class KVSparseBuilderMixin:
         starts_cpu = torch.tensor([0] + lens).cumsum(0).to(cm.query_start_loc.dtype)
         idx = torch.tensor(dense, device=device)
         seq_lens = cm.seq_lens[idx]
-        host = torch.tensor(_host_seq_lens(cm), dtype=seq_lens.dtype)[dense]
+        host = torch.tensor([seq_lens_host[i] for i in dense], dtype=seq_lens.dtype)
         sub = cm.replace(
             query_start_loc=starts_cpu.to(device), query_start_loc_cpu=starts_cpu,
             seq_lens=seq_lens, seq_lens_cpu_upper_bound=host,
