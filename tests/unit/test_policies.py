@@ -450,6 +450,24 @@ def test_aircache_helpers():
         [0.5 * (0.5 + 0.0) * 0.2, 0.5 * (1.5 + 2.0) * 0.2])
 
 
+def test_aircache_routes_through_scores_fn():
+    calls = []
+
+    def scores_fn(q, k, probe, scale):
+        calls.append((q.shape[0], probe.numel()))
+        return zipvl.probe_attention_scores(q, k, probe, scale)
+
+    n, mask = 60, visual_mask(60, [(6, 44)])
+    inputs = make_layers(n, 2, seed=4)
+    plain = select_all_layers(AirCache(alpha=0.5), prompt(n, 2, mask), inputs)
+    for inp in inputs:
+        inp.scores_fn = scores_fn
+    routed = select_all_layers(AirCache(alpha=0.5), prompt(n, 2, mask), inputs)
+    assert len(calls) == 4 and calls[0] == (22, 1)          # text-only pass: 22 text tokens
+    assert all(rows >= 38 for rows, _ in calls[1::2])       # visual ∪ elite keys
+    assert [c.indices.tolist() for c in plain] == [c.indices.tolist() for c in routed]
+
+
 def test_aircache_no_image_keeps_all():
     choices, _ = run(AirCache(), 40, 2, None)
     assert all(c.indices.tolist() == list(range(40)) for c in choices)
@@ -489,6 +507,7 @@ def test_registry_order_and_rows():
     assert METHOD_NAMES == ("zipvl", "fastv", "snapkv", "pyramidkv", "streamingllm", "vlcache",
                             "aircache", "random")
     assert set(BAD_VALUE) == set(POLICIES)
+    assert POLICIES["zipvl"] is ZipVL and isinstance(make_policy("random"), Random)
     assert [n for n in METHOD_NAMES if POLICIES[n].sparse_prefill] == ["zipvl", "fastv"]
     assert [n for n in METHOD_NAMES if POLICIES[n].deferred] == ["vlcache", "aircache"]
     assert [n for n in METHOD_NAMES if POLICIES[n].visual_only] == ["fastv", "aircache"]

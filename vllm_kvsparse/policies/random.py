@@ -1,14 +1,14 @@
 """Random: a seeded, uniformly random kept set per layer (a control baseline).
 
-Not from a paper: the usual lower-bound baseline of KV-compression benchmarks (e.g. EffiVLM-Bench
-compares every method with random eviction at equal budget). Each layer keeps
+Not from a paper: a control that any scoring method should beat at equal budget. Each layer keeps
 ``C = max(1, floor(budget * n))`` positions drawn uniformly without replacement
 (``scope="visual"``: all text plus ``max(1, floor(budget * |V|))`` visual positions).
 
 Reproducible on any device: the draw is ``torch.rand(n)`` from a CPU ``torch.Generator`` seeded
-with ``seed * 1_000_003 + layer_idx``, and the kept set is its top-``C`` (ties to the lower
-index), so the same (seed, layer, n) gives the same set everywhere. ``Choice.priority`` is the
-draw (text above all in visual scope). No visual token in visual scope: keep all.
+with ``(seed * 1_000_003 + layer_idx) mod 2**64``, and the kept set is its top-``C`` (ties to
+the lower index), so the same (seed, layer, n) gives the same set everywhere.
+``Choice.priority`` is the draw (text above all in visual scope). No visual token in visual
+scope: keep all.
 
 Parameters: ``budget=0.2``, ``seed=0``, ``scope="all"`` | ``"visual"``.
 """
@@ -28,7 +28,7 @@ SCOPES = ("all", "visual")
 
 def layer_draw(seed: int, layer_idx: int, n: int) -> torch.Tensor:
     """The uniform draw of one layer, fp32 [n] on CPU."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + layer_idx)
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + layer_idx) % (1 << 64))
     return torch.rand(n, generator=gen)
 
 

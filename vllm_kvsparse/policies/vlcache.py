@@ -18,7 +18,8 @@ visual token (question + template suffix)::
 After the last layer (``finish``)::
 
     w      = floor(window_fraction * b * n)
-    alpha_l = clip((1 - gamma_l) / sum_k (1 - gamma_k) * (1 - window_fraction) * b * L, min_ratio, 1)
+    alpha_l = clip((1 - gamma_l) / sum_k (1 - gamma_k) * (1 - window_fraction) * b * L,
+                   min_ratio, 1)
     keep_l = topk_{j < n - w}(s_l, floor(alpha_l * n)) ∪ [n - w, n)
 
 ``layer_adaptive=False``: every layer gets ``alpha = (1 - window_fraction) * b``.
