@@ -1,5 +1,7 @@
-"""The plugin's vLLM platforms: vLLM's CPU platform (here) and CUDA platform (platform_cuda.py),
-each plus the `--kv-sparsity` flags and the start-up checks and settings of the sparse path.
+"""What the plugin's two vLLM platforms share: the `--kv-sparsity` flags and the start-up checks
+and settings of the sparse path. The platforms themselves: vLLM's CPU platform plus this
+(platform_cpu.py) and vLLM's CUDA platform plus this (platform_cuda.py); each in its own module
+so that a process imports only its own device's vLLM platform.
 
 vLLM 0.32 has no entry point for new CLI flags. Its documented hook for out-of-tree platforms,
 `Platform.pre_register_and_update(parser)`, receives the `vllm serve` parser before parsing, and
@@ -19,15 +21,12 @@ import logging
 import os
 import sys
 
-from vllm.platforms.cpu import CpuPlatform
-
 from vllm_kvsparse.config import (CONFIG_KEY, METHOD_KEY, METHODS, SparsityConfig,
                                   SparsityConfigError, parse_config_json)
 
 logger = logging.getLogger("vllm.kvsparse")
 
 SCHEDULER_CLS = "vllm_kvsparse.scheduler.KVSparseScheduler"
-EVICTION_BLOCK_SIZE = 32  # finer than the CPU default 128; the CPU kernels want multiples of 32
 
 # Values given on the command line, remembered by the argparse actions (API-server process).
 _CLI: dict[str, object] = {}
@@ -207,16 +206,3 @@ class KVSparsePlatformMixin:
         super().register_custom_kv_cache_specs(vllm_config)
         from vllm_kvsparse.kv import register_specs
         register_specs()
-
-
-class KVSparseCpuPlatform(KVSparsePlatformMixin, CpuPlatform):
-    """vLLM's CPU platform with the plugin's flags and start-up checks."""
-
-    kvsparse_worker_cls = "vllm_kvsparse.worker.KVSparseCPUWorker"
-
-    @classmethod
-    def _adjust(cls, vllm_config, cfg, changed, block_size_was_set) -> None:
-        if cfg.evicts and not block_size_was_set:
-            # Eviction frees whole blocks: finer blocks free more (the CPU default is 128).
-            vllm_config.cache_config.block_size = EVICTION_BLOCK_SIZE
-            changed.append(f"block_size={EVICTION_BLOCK_SIZE}")

@@ -6,7 +6,12 @@ of vLLM. The shared hooks are in platform.KVSparsePlatformMixin; CUDA adds:
     is selected when no backend was asked for, and any other backend is refused;
   - FlashAttention needs compute capability >= 8.0 (A100, 4090, H100, ...);
   - async scheduling off: the worker reports evicted blocks and flushes metrics on the
-    ModelRunnerOutput of the step, which async scheduling defers into a wrapper.
+    ModelRunnerOutput of the step, which async scheduling defers into a wrapper;
+  - no quantized KV cache: with `--kv-cache-dtype fp8*` (or another quantized dtype) vLLM quantizes the query before the backend's
+    forward, and the Triton probe and sparse-attention kernels take 16/32-bit inputs only.
+    Refused at start-up rather than dequantized (no GPU has been available to test a
+    dequantizing path). vLLM's CPU backend keeps K/V in the plain step tensors, so CPU serves
+    fp8 caches (tests/e2e/test_sparse_prefill.py).
 """
 
 from __future__ import annotations
@@ -32,6 +37,19 @@ def check_attention_backend(vllm_config, cfg: SparsityConfig, capability) -> Non
             f">= 8.0; this GPU is {capability.major}.{capability.minor}")
 
 
+UNQUANTIZED_CACHE_DTYPES = ("auto", "bfloat16", "float16")
+
+
+def check_kv_cache_dtype(vllm_config, cfg: SparsityConfig) -> None:
+    """Refuse a quantized (fp8, fp4, ...) KV cache (one line)."""
+    dtype = str(vllm_config.cache_config.cache_dtype)
+    if dtype not in UNQUANTIZED_CACHE_DTYPES:
+        raise SparsityConfigError(
+            f"kv-sparsity={cfg.method} does not support --kv-cache-dtype={dtype} on CUDA (the "
+            "sparse kernels take 16/32-bit queries); use --kv-cache-dtype auto, bfloat16 or "
+            "float16, or --kv-sparsity none")
+
+
 def select_attention_backend(vllm_config, changed: list[str]) -> None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
@@ -49,12 +67,13 @@ def disable_async_scheduling(vllm_config, changed: list[str]) -> None:
 class KVSparseCudaPlatform(KVSparsePlatformMixin, CudaPlatform):
     """vLLM's CUDA platform with the plugin's flags and start-up checks."""
 
-    kvsparse_worker_cls = "vllm_kvsparse.worker.KVSparseGPUWorker"
+    kvsparse_worker_cls = "vllm_kvsparse.gpu_worker.KVSparseGPUWorker"
 
     @classmethod
     def _check_platform(cls, vllm_config, cfg) -> None:
         if cfg.enabled:
             check_attention_backend(vllm_config, cfg, cls.get_device_capability())
+            check_kv_cache_dtype(vllm_config, cfg)
 
     @classmethod
     def _adjust(cls, vllm_config, cfg, changed, block_size_was_set) -> None:

@@ -16,7 +16,7 @@ def activate_platform() -> str | None:
     from vllm.platforms import cpu_platform_plugin, cuda_platform_plugin
 
     if cpu_platform_plugin() is not None:
-        return "vllm_kvsparse.platform.KVSparseCpuPlatform"
+        return "vllm_kvsparse.platform_cpu.KVSparseCpuPlatform"
     if cuda_platform_plugin() is not None:
         return "vllm_kvsparse.platform_cuda.KVSparseCudaPlatform"
     return None

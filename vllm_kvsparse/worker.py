@@ -4,12 +4,16 @@
   no request ids, prompt lengths or image positions (vllm-0.32-internals.md §4.3);
 - with eviction on, declare one KV-cache group per decoder layer (KVSparseAttentionSpec);
 - attach the step's evicted block ranges to the ModelRunnerOutput for the scheduler.
-The platform sets one of these classes as `worker_cls` when sparsity is on. vLLM's CPUWorker
-subclasses its GPU Worker, so both have the hooks used here.
-"""
+The platform sets `cpu_worker.KVSparseCPUWorker` or `gpu_worker.KVSparseGPUWorker` as
+`worker_cls` when sparsity is on; both are this mixin over vLLM's worker (vLLM's CPUWorker
+subclasses its GPU Worker, so both have the hooks used here).
 
-from vllm.v1.worker.cpu_worker import CPUWorker
-from vllm.v1.worker.gpu_worker import Worker
+This module must import no vLLM worker: vLLM's `cpu_worker` module imports
+`vllm.v1.worker.cpu.shm`, which replaces torch's CUDA functions (`torch.cuda.Event`,
+`set_stream`, `torch.accelerator.get_memory_info`, ...) for the whole process. Each concrete
+worker lives in its own module so a GPU process never imports the CPU one
+(tests/unit/test_gpu_imports.py).
+"""
 
 from vllm_kvsparse import metrics, runtime
 from vllm_kvsparse.config import SparsityConfig
@@ -51,11 +55,3 @@ class KVSparseWorkerMixin:
                 output.kvsparse_evictions = evictions
             metrics.sink().flush()
         return output
-
-
-class KVSparseCPUWorker(KVSparseWorkerMixin, CPUWorker):
-    pass
-
-
-class KVSparseGPUWorker(KVSparseWorkerMixin, Worker):
-    pass

@@ -137,10 +137,14 @@ def test_no_leak_after_200_mixed_requests_with_aborts_and_preemption(tiny_model,
     assert out["free_end"] == out["free_start"]
 
 
-def test_preempted_requests_match_the_same_requests_run_alone(peaked_model, tmp_path):
+@pytest.mark.parametrize("evict", [True, False])
+def test_preempted_requests_match_the_same_requests_run_alone(peaked_model, tmp_path, evict):
+    """A preempted request is recomputed as one prefill of prompt + outputs so far. With
+    eviction its output rows attend over the kept set; without, over every key
+    (sparse_prefill._dense_tail), as decoding did."""
     requests = [{"id": f"r{i}", "prompt": {"image": {"seed": 30 + i}}, "max_tokens": 48}
                 for i in range(6)]
-    config = zipvl(tau=0.9)
+    config = zipvl(tau=0.9, evict=evict)
     squeezed = stepped({"model": peaked_model, "requests": requests, "additional_config": config,
                         "engine": {"max_num_seqs": 6, "kv_cache_memory_bytes": 3 << 19,
                                    "max_model_len": 512}},

@@ -35,6 +35,27 @@ def test_tau_one_offline_is_identical_to_none(tiny_model, tmp_path):
     assert all(r["num_kept"] == r["num_tokens"] for r in records)
 
 
+# vLLM 0.32's CPU attention refuses FP8 caches without AVX-512 or AMX (cpu_attn.py); the CI
+# machine may be either CPU kind (an AMD EPYC without AVX-512, or a Xeon with AMX).
+CPU_HAS_FP8_KV = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_supported()
+
+
+@pytest.mark.skipif(not CPU_HAS_FP8_KV,
+                    reason="this CPU has neither AVX-512 nor AMX: vLLM's CPU backend has no FP8 "
+                           "KV cache here")
+@pytest.mark.parametrize("cache_dtype", ["fp8", "fp8_e5m2"])
+def test_tau_one_with_fp8_kv_cache_is_identical_to_none(tiny_model, tmp_path, cache_dtype):
+    """CPU serves quantized KV caches with sparsity on (CUDA refuses them at start-up)."""
+    spec = {"model": tiny_model, "prompts": PROMPTS[:3], "max_tokens": 24,
+            "engine": {"kv_cache_dtype": cache_dtype}}
+    none = run_offline({**spec, "additional_config": {"kv_sparsity": "none"}}, tmp_path / "n")
+    rec = tmp_path / "records"
+    keep_all = run_offline({**spec, "additional_config": zipvl_config(
+        tau=1.0, record_dir=str(rec))}, tmp_path / "z")
+    assert keep_all["outputs"] == none["outputs"]
+    assert len(read_records(str(rec))) == 3 * 2     # the sparse path ran in every layer
+
+
 def test_tau_one_served_is_identical_to_none(tiny_model, tmp_path):
     images = [make_image(seed=s) for s in (11, 12)]
     answers = {}

@@ -221,6 +221,15 @@ CUDA_PLATFORM_SCRIPT = textwrap.dedent("""
         except SparsityConfigError as e:
             errors.append(str(e))
     pc.check_attention_backend(config(E.FLASH_ATTN), cfg, DeviceCapability(8, 0))
+    for dtype in ("fp8", "fp8_e5m2", "fp8_e4m3"):
+        try:
+            pc.check_kv_cache_dtype(types.SimpleNamespace(
+                cache_config=types.SimpleNamespace(cache_dtype=dtype)), cfg)
+        except SparsityConfigError as e:
+            errors.append(str(e))
+    for dtype in ("auto", "bfloat16", "float16"):
+        pc.check_kv_cache_dtype(types.SimpleNamespace(
+            cache_config=types.SimpleNamespace(cache_dtype=dtype)), cfg)
     vc, changed = config(), []
     pc.select_attention_backend(vc, changed)
     pc.disable_async_scheduling(vc, changed)
@@ -238,8 +247,10 @@ def test_cuda_platform_wiring_and_start_up_checks():
     out = json.loads(lines[-1].removeprefix("RESULT "))
     assert out["mro"][:2] == ["KVSparseCudaPlatform", "KVSparsePlatformMixin"]
     assert out["same_base"] and out["mro"][2] in ("NvmlCudaPlatform", "NonNvmlCudaPlatform")
-    assert out["worker"] == "vllm_kvsparse.worker.KVSparseGPUWorker"
-    assert len(out["errors"]) == 2
+    assert out["worker"] == "vllm_kvsparse.gpu_worker.KVSparseGPUWorker"
+    assert len(out["errors"]) == 5
+    for error, dtype in zip(out["errors"][2:], ("fp8", "fp8_e5m2", "fp8_e4m3")):
+        assert f"--kv-cache-dtype={dtype}" in error and "auto" in error and "\n" not in error
     assert "--attention-backend=TRITON_ATTN" in out["errors"][0]
     assert "FLASH_ATTN" in out["errors"][0] and "\n" not in out["errors"][0]
     assert "compute capability >= 8.0" in out["errors"][1] and "7.5" in out["errors"][1]
@@ -253,7 +264,7 @@ def test_gpu_worker_and_backend_registration_targets():
 
     from vllm_kvsparse import plugin
     from vllm_kvsparse.attention.cuda import KVSparseFlashAttentionBackend as B
-    from vllm_kvsparse.worker import KVSparseGPUWorker
+    from vllm_kvsparse.gpu_worker import KVSparseGPUWorker
 
     assert issubclass(KVSparseGPUWorker, Worker)
     assert issubclass(B, FlashAttentionBackend) and B.get_name() == "FLASH_ATTN"
@@ -282,3 +293,96 @@ def test_cuda_kernel_calls_of_sparse_prefill_match_the_cpu_paths():
     want = sp._sparse_attention(q, k, v, torch_sel.indices, scale)             # CPU: SDPA
     got = sp._sparse_attention(q, k, v, torch_sel.indices, scale, backend="triton")
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+class ImplicitHostTensors(torch.overrides.TorchFunctionMode):
+    """Records tensor factories called without a device: on a GPU they would create host
+    tensors next to CUDA ones (a device mismatch). CPU stands in for CUDA here."""
+
+    FACTORIES = {torch.arange, torch.zeros, torch.ones, torch.empty, torch.full, torch.tensor,
+                 torch.randn, torch.rand, torch.randperm, torch.linspace}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.FACTORIES and kwargs.get("device") is None:
+            self.calls.append(func.__name__)
+        return func(*args, **kwargs)
+
+
+def test_dense_tail_creates_every_tensor_on_the_inputs_device():
+    """`_dense_tail` (recomputed output tokens after a preemption, evict: false) builds its
+    causal mask on the logits' device, and equals an independent fp32 reference."""
+    from vllm_kvsparse.attention.sparse_prefill import _dense_tail
+
+    q, k, v = peaked_prompt(70, seed=5)
+    with ImplicitHostTensors() as mode:
+        out = _dense_tail(q, k, v, 60, HEAD_DIM ** -0.5)
+    assert mode.calls == []
+    kk, vv = (x.repeat_interleave(HEADS // KV_HEADS, 1) for x in (k, v))
+    for row in range(60, 70):
+        for h in range(HEADS):
+            p = torch.softmax(q[row, h] @ kk[:row + 1, h].T * HEAD_DIM ** -0.5, -1)
+            torch.testing.assert_close(out[row - 60, h], p @ vv[:row + 1, h],
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_dense_sub_batch_never_overwrites_the_full_batch_fa3_schedule(vllm_config, monkeypatch):
+    """With full CUDA graphs, FlashAttention-3's builder keeps ONE scheduler_metadata buffer and
+    returns views of it. The plugin's dense-row sub-build must not write into it, or exempt
+    layers and keep-all rows of the full batch would run with the sub-batch's schedule."""
+    from vllm.v1.attention.backends import flash_attn
+
+    def fake_schedule(*, batch_size, cu_seqlens_q, cache_seqlens, **_):   # FA3's AOT planner
+        return torch.cat([torch.tensor([batch_size]), cache_seqlens, cu_seqlens_q]).int()
+
+    # Not imported on a CPU build (no FlashAttention kernels): provided here.
+    monkeypatch.setattr(flash_attn, "get_scheduler_metadata", fake_schedule, raising=False)
+    builder = flash_builder(vllm_config)
+    builder.aot_schedule, builder.use_full_cuda_graph = True, True   # what FA3 + graphs set
+    builder.scheduler_metadata = torch.zeros(64, dtype=torch.int32)
+    tables = torch.arange(30, dtype=torch.int32).reshape(3, 10)
+    cm = common_metadata([1, 100, 20], [41, 100, 20], tables)
+    rows = [runtime.RequestRow("decode", 30, ()), runtime.RequestRow("long", 100, ()),
+            runtime.RequestRow("short", 20, ())]
+    md = flash_attn.FlashAttentionMetadataBuilder.build(builder, 0, cm)
+    full = fake_schedule(batch_size=3, cu_seqlens_q=cm.query_start_loc, cache_seqlens=cm.seq_lens)
+    assert torch.equal(md.scheduler_metadata, full)          # a view of the shared buffer
+    plan = builder._plan(cm, rows)                           # builds the dense rows' metadata
+    assert plan.dense_md is not None and plan.dense_md.num_actual_tokens == 21
+    assert torch.equal(md.scheduler_metadata, full)
+    assert plan.dense_md.scheduler_metadata is None          # scheduled by FA at run time
+
+
+def test_metadata_reused_for_another_kv_group_carries_that_groups_block_table(vllm_config):
+    """vLLM reuses a group's metadata for another group with an equal spec (eviction off):
+    update_block_table must swap the dense rows' block table and slots as well."""
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadataBuilder
+
+    ac = dict(vllm_config.additional_config)
+    ac["kv_sparsity_config"] = dict(ac["kv_sparsity_config"], evict=False)
+    vllm_config.additional_config = ac
+    builder = flash_builder(vllm_config)
+    assert builder.evict_layer is None and builder.supports_update_block_table
+    tables = torch.arange(30, dtype=torch.int32).reshape(3, 10)
+    cm = common_metadata([1, 100, 20], [41, 100, 20], tables)
+    md = FlashAttentionMetadataBuilder.build(builder, 0, cm)
+    md.kvsparse = builder._plan(cm, [runtime.RequestRow("decode", 30, ()),
+                                     runtime.RequestRow("long", 100, ()),
+                                     runtime.RequestRow("short", 20, ())])
+    md.kvsparse_decode = None
+    other_tables, other_slots = tables + 500, cm.slot_mapping + 10_000
+    other = builder.update_block_table(md, other_tables, other_slots)
+    dense = other.kvsparse.dense_md
+    assert dense.block_table.tolist() == other_tables[[0, 2]].tolist()
+    assert torch.equal(dense.slot_mapping, other_slots[md.kvsparse.dense_tokens])
+    assert other.block_table is other_tables
+    assert md.kvsparse.dense_md.block_table.tolist() == tables[[0, 2]].tolist()  # untouched
+    assert other.kvsparse.sparse_rows == md.kvsparse.sparse_rows
+
+
+def test_evicting_builders_never_share_metadata_across_groups(vllm_config):
+    assert flash_builder(vllm_config).supports_update_block_table is False

@@ -20,6 +20,7 @@ backends), so the cache holds every prompt token when forward starts.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -55,6 +56,7 @@ class SparseRow:
 class StepPlan:
     sparse_rows: list[SparseRow]
     dense_md: Any | None                # vLLM metadata of the dense rows alone
+    dense_rows: torch.Tensor | None     # their row indices in the batch
     dense_tokens: torch.Tensor | None   # their token indices in the batch
     block_size: int | None              # set when this layer evicts
 
@@ -78,6 +80,25 @@ class KVSparseBuilderMixin:
         # With eviction each group is one layer (KVSparseAttentionSpec.layer_idx).
         layer_idx = getattr(kv_cache_spec, "layer_idx", None)
         self.evict_layer = layer_idx if self.sparsity.evicts and layer_idx is not None else None
+        if self.evict_layer is not None:
+            # vLLM reuses one group's metadata for another group of an equal spec through
+            # update_block_table; an evicting group's metadata (virtual block tables, its own
+            # layer's compaction) must never be reused. (KVSparseAttentionSpecs of different
+            # layers are never equal, so this only states what already holds.)
+            self.supports_update_block_table = False
+
+    def update_block_table(self, metadata, blk_table, slot_mapping):
+        """vLLM's reuse of this metadata for another KV-cache group with an equal spec (eviction
+        off, models with several groups): the dense rows' sub-metadata gets that group's block
+        table and slots too, not only the full batch's."""
+        new = super().update_block_table(metadata, blk_table, slot_mapping)
+        plan = getattr(metadata, "kvsparse", None)
+        if plan is not None and plan.dense_md is not None:
+            rows = plan.dense_rows.to(blk_table.device)
+            dense_md = super().update_block_table(
+                plan.dense_md, blk_table[rows], slot_mapping[plan.dense_tokens])
+            new.kvsparse = dataclasses.replace(plan, dense_md=dense_md)
+        return new
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         if not self.sparsity.enabled:
@@ -145,7 +166,7 @@ class KVSparseBuilderMixin:
     def _dense_metadata(self, cm, dense: list[int], qsl: list[int], seq_lens_host: list[int]):
         """vLLM metadata for a subset of the rows (their tokens gathered contiguously)."""
         if not dense:
-            return None, None
+            return None, None, None
         device = cm.query_start_loc.device
         lens = [qsl[i + 1] - qsl[i] for i in dense]
         tokens = torch.cat([torch.arange(qsl[i], qsl[i + 1]) for i in dense]).to(device)
@@ -160,7 +181,11 @@ class KVSparseBuilderMixin:
             max_query_len=max(lens), max_seq_len=int(host.max()),
             block_table_tensor=cm.block_table_tensor[idx],
             slot_mapping=cm.slot_mapping[tokens])
-        return super().build(0, sub), tokens
+        # fast_build: no ahead-of-time FlashAttention-3 schedule for the sub-batch. With full
+        # CUDA graphs allowed, FA3's builder stores that schedule in one shared buffer and returns
+        # a view of it, so a second build in the step would overwrite the full batch's schedule
+        # (used by exempt layers and keep-all rows). The sub-batch schedules itself at run time.
+        return super().build(0, sub, fast_build=True), idx, tokens
 
 
 def _host_seq_lens(cm) -> list[int]:

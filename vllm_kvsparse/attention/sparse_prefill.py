@@ -131,6 +131,7 @@ def _dense_tail(query, key, value, start: int, scale: float) -> torch.Tensor:
     v = value.float().repeat_interleave(group, dim=1).transpose(0, 1)
     q = query[start:].float().transpose(0, 1)                            # [H, t-start, d]
     logits = torch.matmul(q, k.transpose(1, 2)) * scale
-    future = torch.arange(t)[None, :] > torch.arange(start, t)[:, None]
+    positions = torch.arange(t, device=query.device)   # on the logits' device (CUDA on a GPU)
+    future = positions[None, :] > positions[start:, None]
     logits.masked_fill_(future, float("-inf"))
     return torch.matmul(torch.softmax(logits, -1), v).transpose(0, 1).to(query.dtype)
