@@ -114,7 +114,7 @@ def worker(spec_path: str, out_path: str) -> None:
         from vllm_kvsparse.records import read_records
         recs = read_records(spec["record_dir"])
         result["kept"] = common.kept_summary(recs)
-        result["blocks_freed"] = metrics.sink().counters.get("kv_blocks_freed", 0)
+        result["blocks_freed"] = metrics.sink("engine").counters.get("kv_blocks_freed", 0)
     json.dump(result, open(out_path, "w"))
 
 

@@ -3,10 +3,14 @@
 Built once (from `vllm serve` flags or from `LLM(additional_config=...)`), stored in
 `vllm_config.additional_config` as plain JSON-able values so it travels to every vLLM process
 (API server, engine core, workers), and rebuilt there with `SparsityConfig.from_additional_config`.
-No vLLM import here: the config is usable (and testable) without vLLM.
+No vLLM import here (nor in vllm_kvsparse.policies): usable and testable without vLLM.
 
     vllm serve MODEL --kv-sparsity zipvl --kv-sparsity-config '{"tau": 0.95, "scope": "visual"}'
+    vllm serve MODEL --kv-sparsity snapkv --kv-sparsity-config '{"budget": 0.2, "window": 32}'
     LLM(MODEL, additional_config={"kv_sparsity": "zipvl", "kv_sparsity_config": {"tau": 0.95}})
+
+The method's own parameters are validated by its policy (vllm_kvsparse.policies); the glue keys
+(GLUE_KEYS) are the same for every method.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-METHODS = ("none", "zipvl")
-SCOPES = ("all", "visual")
+from vllm_kvsparse.policies import METHOD_NAMES, POLICIES, Policy, PolicyError, make_policy
+
+METHODS = ("none", *METHOD_NAMES)
 
 # Keys under vllm_config.additional_config.
 METHOD_KEY = "kv_sparsity"
@@ -30,24 +35,19 @@ class SparsityConfigError(ValueError):
 
 @dataclass(frozen=True)
 class SparsityConfig:
-    """Settings of token-sparse prefill (and, later, KV eviction).
+    """The plugin's settings: the method with its own parameters, plus how vLLM runs it.
 
-    method: "none" (stock vLLM, the default) or "zipvl".
-    tau: fraction of the probes' attention mass the kept tokens must hold (ZipVL Eq. 7), (0, 1].
-        The paper's default 0.975; accuracy drops sharply below ~0.97.
-    num_recent_probes / num_random_probes: probe queries = the last `num_recent_probes` prompt
-        positions + `num_random_probes` seeded random positions (ZipVL supplement Table A: 64+64).
-    keep_first: attention-sink tokens at the start of the prompt that are never dropped.
-    keep_last: most recent prompt tokens that are never dropped (the last prompt token's output
-        feeds the first generated token).
-    scope: "all" (the paper: any token may be dropped) or "visual" (only image/video placeholder
-        tokens may be dropped; text is always kept).
-    exempt_layers: decoder layer indices that always run dense (e.g. [0, 1] as in FastV).
-    min_prompt_len: prompts shorter than this run dense: with few tokens the probe pass costs
-        about as much as the attention it saves.
-    seed: seed of the random probe positions (reproducible selections).
+    method: "none" (stock vLLM, the default) or a method of vllm_kvsparse.policies
+        (zipvl, fastv, snapkv, pyramidkv, streamingllm, vlcache, aircache, random).
+    options: the method's own parameters (e.g. zipvl's tau, snapkv's budget and window),
+        validated by building the method's policy (`policy`), then stored with every default
+        filled in. docs/policies.md lists them.
+    exempt_layers: decoder layer indices that always run dense and keep all their K/V.
+    min_prompt_len: prompts shorter than this run dense: with few tokens the scoring pass costs
+        about as much as it saves.
     evict: after prefill, keep each layer's K/V only for its kept tokens and give the freed
-        KV-cache blocks back to vLLM (the decode-side half of ZipVL). False: prefill only.
+        KV-cache blocks back to vLLM. False: sparse prefill only (methods with a sparse prefill:
+        zipvl, fastv); the other methods only save memory, so they need it.
     record_dir: debug only. When set, each worker appends one JSON line per (request, layer)
         with the kept set to `record_dir/kept-<pid>.jsonl`.
     record_tensors: debug only (needs record_dir). Also save each sparse layer's query, key,
@@ -55,15 +55,9 @@ class SparsityConfig:
     """
 
     method: str = "none"
-    tau: float = 0.975
-    num_recent_probes: int = 64
-    num_random_probes: int = 64
-    keep_first: int = 4
-    keep_last: int = 1
-    scope: str = "all"
+    options: dict[str, Any] = field(default_factory=dict, hash=False)
     exempt_layers: tuple[int, ...] = ()
     min_prompt_len: int = 1024
-    seed: int = 0
     evict: bool = True
     record_dir: str | None = None
     record_tensors: bool = False
@@ -72,22 +66,7 @@ class SparsityConfig:
 
     def __post_init__(self) -> None:
         _check_choice("kv-sparsity", self.method, METHODS)
-        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) \
-                or not 0.0 < float(self.tau) <= 1.0:
-            raise SparsityConfigError(
-                f"kv-sparsity-config: tau={self.tau!r} is invalid; valid range is (0, 1]")
-        object.__setattr__(self, "tau", float(self.tau))
-        for name in ("num_recent_probes", "num_random_probes", "keep_first", "keep_last",
-                     "min_prompt_len"):
-            _check_non_negative_int(name, getattr(self, name))
-        if self.num_recent_probes + self.num_random_probes == 0:
-            raise SparsityConfigError(
-                "kv-sparsity-config: num_recent_probes + num_random_probes is 0; "
-                "at least one probe query is needed")
-        _check_choice("kv-sparsity-config: scope", self.scope, SCOPES)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise SparsityConfigError(
-                f"kv-sparsity-config: seed={self.seed!r} is invalid; valid values are integers")
+        _check_non_negative_int("min_prompt_len", self.min_prompt_len)
         object.__setattr__(self, "exempt_layers", _exempt_layers(self.exempt_layers))
         for name in ("evict", "record_tensors"):
             if not isinstance(getattr(self, name), bool):
@@ -98,24 +77,49 @@ class SparsityConfig:
             raise SparsityConfigError(
                 f"kv-sparsity-config: record_dir={self.record_dir!r} is invalid; "
                 "valid values are a directory path or null")
+        object.__setattr__(self, "_policy", self._build_policy())
+        # Every parameter in force (defaults filled in, values normalised by the policy): two
+        # configs that run the same are equal, and the round trip through additional_config
+        # is exact.
+        object.__setattr__(self, "options", self.method_parameters())
+        if self._policy is not None and not self._policy.sparse_prefill and not self.evict:
+            raise SparsityConfigError(
+                f"kv-sparsity-config: evict=false is invalid for {self.method} (its prefill is "
+                "dense, so it saves nothing without eviction); valid values are true")
+
+    def _build_policy(self) -> Policy | None:
+        options = dict(self.options or {})
+        if not self.enabled:
+            if options:
+                raise SparsityConfigError(
+                    f"kv-sparsity-config: {sorted(options)[0]!r} is a method parameter but "
+                    f"kv-sparsity is none; valid methods are {', '.join(METHODS[1:])}")
+            return None
+        keys = POLICIES[self.method].option_keys()
+        unknown = sorted(set(options) - set(keys))
+        if unknown and not (self.method == "zipvl" and unknown == ["budget"]):
+            raise SparsityConfigError(
+                f"kv-sparsity-config: unknown key {unknown[0]!r} for {self.method}; valid keys "
+                f"are {', '.join(keys + GLUE_KEYS)}")
+        try:
+            return make_policy(self.method, options)
+        except PolicyError as e:
+            raise SparsityConfigError(f"kv-sparsity-config: {e}") from None
 
     # ---- construction -------------------------------------------------------------------
 
     @classmethod
     def from_options(cls, method: str | None = None,
                      options: dict[str, Any] | str | None = None) -> "SparsityConfig":
-        """Build from a method name and an options dict (or its JSON text)."""
+        """Build from a method name and one options dict (or its JSON text) holding the
+        method's parameters and the glue keys (GLUE_KEYS) side by side."""
         if isinstance(options, str):
             options = parse_config_json(options)
         options = dict(options or {})
-        unknown = sorted(set(options) - set(settable_keys()))
-        if unknown:
-            raise SparsityConfigError(
-                f"kv-sparsity-config: unknown key {unknown[0]!r}; "
-                f"valid keys are {', '.join(settable_keys())}")
-        if "exempt_layers" in options and options["exempt_layers"] is not None:
-            options["exempt_layers"] = tuple(_as_list(options["exempt_layers"]))
-        return cls(method=method or "none", **options)
+        glue = {k: options.pop(k) for k in GLUE_KEYS if k in options}
+        if "exempt_layers" in glue and glue["exempt_layers"] is not None:
+            glue["exempt_layers"] = tuple(_as_list(glue["exempt_layers"]))
+        return cls(method=method or "none", options=options, **glue)
 
     @classmethod
     def from_additional_config(cls, additional_config: dict | None) -> "SparsityConfig":
@@ -127,8 +131,10 @@ class SparsityConfig:
         return cfg
 
     def to_additional_config(self) -> dict[str, Any]:
-        """The JSON-able form stored in vllm_config.additional_config."""
-        options = {k: getattr(self, k) for k in settable_keys()}
+        """The JSON-able form stored in vllm_config.additional_config: every parameter of the
+        method with its value in force (defaults filled in), and the glue keys."""
+        options = dict(self.options)
+        options.update({k: getattr(self, k) for k in GLUE_KEYS})
         options["exempt_layers"] = list(self.exempt_layers)
         out = {METHOD_KEY: self.method, CONFIG_KEY: options}
         if self.num_layers is not None:
@@ -142,9 +148,24 @@ class SparsityConfig:
             raise SparsityConfigError(
                 f"kv-sparsity-config: exempt layer {bad[0]} is out of range; "
                 f"valid layer indices are 0..{num_layers - 1}")
+        scoring = getattr(self.policy, "scoring_layer", None)
+        if scoring is not None and scoring in self.exempt_layers:
+            raise SparsityConfigError(
+                f"kv-sparsity-config: exempt layer {scoring} is invalid for {self.method} (it "
+                f"scores the tokens at layer {scoring}); valid exempt layers exclude it")
         return dataclasses.replace(self, num_layers=num_layers)
 
     # ---- queries --------------------------------------------------------------------------
+
+    @property
+    def policy(self) -> Policy | None:
+        """The method (vllm_kvsparse.policies) with its parameters; None for "none"."""
+        return self._policy
+
+    def method_parameters(self) -> dict[str, Any]:
+        if self.policy is None:
+            return {}
+        return {k: getattr(self.policy, k) for k in self.policy.option_keys()}
 
     @property
     def enabled(self) -> bool:
@@ -160,16 +181,18 @@ class SparsityConfig:
     def summary(self) -> str:
         if not self.enabled:
             return "kv-sparsity=none"
-        return (f"kv-sparsity={self.method} tau={self.tau} probes={self.num_recent_probes}+"
-                f"{self.num_random_probes} keep_first={self.keep_first} "
-                f"keep_last={self.keep_last} scope={self.scope} "
-                f"exempt_layers={list(self.exempt_layers)} min_prompt_len={self.min_prompt_len} "
-                f"evict={self.evict}")
+        params = " ".join(f"{k}={v}" for k, v in self.method_parameters().items())
+        return (f"kv-sparsity={self.method} {params} exempt_layers={list(self.exempt_layers)} "
+                f"min_prompt_len={self.min_prompt_len} evict={self.evict}")
 
 
-def settable_keys() -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(SparsityConfig)
-                 if f.name not in ("method", "num_layers"))
+# Settings of the glue (how vLLM runs the method), accepted beside every method's parameters.
+GLUE_KEYS = ("exempt_layers", "min_prompt_len", "evict", "record_dir", "record_tensors")
+
+
+def settable_keys(method: str = "zipvl") -> tuple[str, ...]:
+    """Every key --kv-sparsity-config accepts for `method`."""
+    return POLICIES[method].option_keys() + GLUE_KEYS if method in POLICIES else GLUE_KEYS
 
 
 def parse_config_json(text: str) -> dict[str, Any]:

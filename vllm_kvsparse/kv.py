@@ -1,5 +1,5 @@
 """Scheduler-side KV-cache pieces: one KV-cache group per decoder layer, so each layer can give
-back its own number of blocks (vllm-0.32-internals.md §3; prototype-findings.md §3).
+back its own number of blocks.
 
 Groups overlay one backing allocation (vLLM's hybrid KV-cache manager), so a block freed by
 layer i can be used by layer j at once; one group per layer costs no extra memory.

@@ -15,8 +15,10 @@ hash.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import tempfile
 import threading
 from collections import defaultdict
@@ -27,11 +29,13 @@ FALLBACK_REASONS = ("short_prompt", "exempt_layer", "unsupported")
 
 
 def ensure_stats_dir() -> str:
-    """The stats directory of this server, created once (children inherit the variable)."""
+    """The stats directory of this server, created once (children inherit the variable) and
+    removed when the process that created it exits."""
     path = os.environ.get(STATS_DIR_ENV)
     if not path:
         path = tempfile.mkdtemp(prefix="vllm-kvsparse-stats-")
         os.environ[STATS_DIR_ENV] = path
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
     return path
 
 
@@ -49,15 +53,18 @@ class StatsSink:
         self._lock = threading.Lock()
 
     def observe_layer(self, layer: int, num_tokens: int, num_kept: int, probe_seconds: float,
-                      num_heads: int, head_dim: int) -> None:
+                      num_heads: int, head_dim: int, prefill_sparse: bool = True) -> None:
+        """One (request, layer) decision. Prefill attention FLOPs are saved only where the
+        method's prefill is token-sparse (zipvl, fastv); the others prefill dense."""
         ratio = num_kept / max(num_tokens, 1)
         with self._lock:
             self.counters["prompt_tokens_seen"] += num_tokens
             self.counters["prompt_tokens_kept"] += num_kept
             self.counters["probe_seconds"] += probe_seconds
             # causal prefill attention: QK^T and PV, 2 FLOPs per MAC, half the n x n square
-            self.counters["attention_flops_saved"] += \
-                2.0 * num_heads * head_dim * (num_tokens ** 2 - num_kept ** 2)
+            if prefill_sparse:
+                self.counters["attention_flops_saved"] += \
+                    2.0 * num_heads * head_dim * (num_tokens ** 2 - num_kept ** 2)
             hist = self.ratio_hist.setdefault(layer, [0] * len(RATIO_BUCKETS))
             for i, bound in enumerate(RATIO_BUCKETS):
                 if ratio <= bound + 1e-12:
@@ -94,14 +101,15 @@ class StatsSink:
         os.replace(tmp, path)
 
 
-_SINK: StatsSink | None = None
+_SINKS: dict[str, StatsSink] = {}
 
 
 def sink(role: str = "worker") -> StatsSink:
-    global _SINK
-    if _SINK is None:
-        _SINK = StatsSink(role)
-    return _SINK
+    """The process's sink for `role` ("worker": selections; "engine": blocks freed). One file
+    per role and process, so an in-process engine (offline LLM) keeps both apart."""
+    if role not in _SINKS:
+        _SINKS[role] = StatsSink(role)
+    return _SINKS[role]
 
 
 def read_totals(directory: str) -> dict:

@@ -1,8 +1,7 @@
 """Per-request, per-layer records of what sparse prefill kept.
 
-Written once, where the selection happens (the worker), and read by every consumer: the debug
-log, the tests (JSON lines under SparsityConfig.record_dir) and, later, the metrics.
-No vLLM import.
+Written once, where the selection happens (the worker), and read by the debug log and the
+tests (JSON lines under SparsityConfig.record_dir). No vLLM import.
 """
 
 from __future__ import annotations
@@ -20,9 +19,10 @@ logger = logging.getLogger("vllm.kvsparse")
 class LayerRecord:
     req_id: str
     layer: int
+    method: str            # the --kv-sparsity method that chose
     num_tokens: int        # prompt tokens the layer selected from (n)
-    num_important: int     # p from ZipVL Eq. 7
-    num_kept: int          # |T|: p plus protected / non-candidate tokens
+    num_important: int     # tokens chosen by score (ZipVL: p of Eq. 7)
+    num_kept: int          # tokens kept: those plus always-kept ones and block top-ups
     probe_seconds: float   # time spent scoring probes and selecting
     kept: list[int] | None = None  # the kept positions, only when recording to a directory
     visual_ranges: list[list[int]] | None = None  # image/video placeholder [start, end)s, idem
@@ -49,12 +49,22 @@ class Recorder:
 
     def add(self, record: LayerRecord) -> None:
         self.recent.append(record)
-        logger.debug("vllm-kvsparse: req=%s layer=%d kept %d/%d (p=%d) probe %.2f ms",
-                     record.req_id, record.layer, record.num_kept, record.num_tokens,
+        logger.debug("vllm-kvsparse: %s req=%s layer=%d kept %d/%d (scored %d) in %.2f ms",
+                     record.method, record.req_id, record.layer, record.num_kept, record.num_tokens,
                      record.num_important, 1e3 * record.probe_seconds)
         if self._path:
             with open(self._path, "a") as f:
                 f.write(json.dumps(asdict(record)) + "\n")
+
+
+_RECORDERS: dict[str | None, Recorder] = {}
+
+
+def recorder(record_dir: str | None) -> Recorder:
+    """The process's recorder for `record_dir` (one file per process and directory)."""
+    if record_dir not in _RECORDERS:
+        _RECORDERS[record_dir] = Recorder(record_dir)
+    return _RECORDERS[record_dir]
 
 
 def read_records(record_dir: str) -> list[dict]:

@@ -1,20 +1,22 @@
-"""Process-local state of a worker process, shared by the worker and the attention backend.
+"""The sparse path's state in one worker process: one `WorkerRuntime`, owned by the worker.
 
-No vLLM import: the worker binds its model runner here, the metadata builder reads it.
+No vLLM import. vLLM builds the attention backends itself and hands them no handle to the
+worker, so the worker binds its runtime here (`bind`) and the backends reach it with
+`current()`. Two lifetimes, each with explicit boundaries:
+
+- per request (until the request leaves the batch: `take_evictions(live)` drops the rest):
+  which blocks each layer compacted, and whether a dense fallback was already counted;
+- per step (`begin_step` .. `end_step`, called by the worker around the model's forward): each
+  request's policy state across the layers of the step, and the layers whose decision is
+  deferred to the end of the step (methods whose layer budgets need every layer's scores).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
-
-_RUNNER = None
-
-
-def bind_runner(runner) -> None:
-    global _RUNNER
-    _RUNNER = runner
 
 
 @dataclass(frozen=True)
@@ -26,24 +28,6 @@ class RequestRow:
     visual_ranges: tuple[tuple[int, int], ...]  # [start, end) of image/video placeholders
 
 
-def batch_rows(num_reqs: int) -> list[RequestRow] | None:
-    """Rows of the current step in metadata order, or None when unknown (dummy/profile runs)."""
-    runner = _RUNNER
-    if runner is None or runner.input_batch.num_reqs != num_reqs:
-        return None
-    batch = runner.input_batch
-    rows = []
-    for i, req_id in enumerate(batch.req_ids[:num_reqs]):
-        state = runner.requests.get(req_id)
-        if state is None:
-            return None
-        ranges = tuple(
-            (f.mm_position.offset, f.mm_position.offset + f.mm_position.length)
-            for f in (state.mm_features or []) if f.modality in ("image", "video"))
-        rows.append(RequestRow(req_id, int(batch.num_prompt_tokens[i]), ranges))
-    return rows
-
-
 def visual_mask(n: int, ranges: tuple[tuple[int, int], ...]) -> torch.Tensor:
     """Bool [n]: True at image/video placeholder positions."""
     mask = torch.zeros(n, dtype=torch.bool)
@@ -52,43 +36,135 @@ def visual_mask(n: int, ranges: tuple[tuple[int, int], ...]) -> torch.Tensor:
     return mask
 
 
-# ---- eviction bookkeeping (worker process) --------------------------------------------------
-# req_id -> {layer_idx: (front_blocks, prompt_blocks)} for compacted layers of live requests.
-_COMPACTED: dict[str, dict[int, tuple[int, int]]] = {}
-# Block ranges to report to the scheduler after this step: req_id -> {layer: (first, last)}.
-_PENDING: dict[str, dict[int, tuple[int, int]]] = {}
+@dataclass
+class DeferredLayer:
+    """A layer whose kept sets are decided at the end of the step: `apply(decisions)` gets
+    {req_id: Choice} for the rows it registered and compacts them."""
+
+    layer_idx: int
+    req_ids: list[str]
+    apply: Callable[[dict[str, Any]], None]
 
 
-def note_compaction(req_id: str, layer_idx: int, front_blocks: int, prompt_blocks: int) -> None:
-    """Layer `layer_idx` of `req_id` now holds its kept prompt tokens in blocks [0, F); blocks
-    [F, prompt_blocks) are no longer read and are reported for freeing."""
-    _COMPACTED.setdefault(req_id, {})[layer_idx] = (front_blocks, prompt_blocks)
-    if front_blocks < prompt_blocks:
-        _PENDING.setdefault(req_id, {})[layer_idx] = (front_blocks, prompt_blocks)
+@dataclass
+class StepState:
+    """What lives from begin_step to end_step."""
+
+    policy_states: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # req -> (policy, state)
+    deferred: list[DeferredLayer] = field(default_factory=list)
 
 
-def compaction(req_id: str, layer_idx: int) -> tuple[int, int] | None:
-    return _COMPACTED.get(req_id, {}).get(layer_idx)
+class WorkerRuntime:
+    def __init__(self, runner=None):
+        self.runner = runner
+        # req_id -> {layer_idx: (front_blocks, prompt_blocks)} for compacted layers of live requests
+        self._compacted: dict[str, dict[int, tuple[int, int]]] = {}
+        # block ranges to report to the scheduler after this step: req_id -> {layer: (first, last)}
+        self._pending: dict[str, dict[int, tuple[int, int]]] = {}
+        self._fallback_counted: set[str] = set()
+        self._unknown_rows_warned = False
+        self.step = StepState()
+
+    # ---- the step's batch -------------------------------------------------------------------
+
+    def batch_rows(self, num_reqs: int) -> list[RequestRow] | None:
+        """Rows of the current step in metadata order, or None when unknown: dummy/profile runs
+        (no live request), or a batch that does not match the runner's (counted, warned)."""
+        runner = self.runner
+        if runner is None or runner.input_batch.num_reqs == 0:
+            return None
+        batch = runner.input_batch
+        if batch.num_reqs != num_reqs:
+            return self._unknown_rows(f"metadata has {num_reqs} rows, the runner {batch.num_reqs}")
+        rows = []
+        for i, req_id in enumerate(batch.req_ids[:num_reqs]):
+            state = runner.requests.get(req_id)
+            if state is None:
+                return self._unknown_rows(f"request {req_id} is not in the runner")
+            ranges = tuple(
+                (f.mm_position.offset, f.mm_position.offset + f.mm_position.length)
+                for f in (state.mm_features or []) if f.modality in ("image", "video"))
+            rows.append(RequestRow(req_id, int(batch.num_prompt_tokens[i]), ranges))
+        return rows
+
+    def _unknown_rows(self, why: str) -> None:
+        import logging
+
+        from vllm_kvsparse import metrics
+        if not self._unknown_rows_warned:
+            self._unknown_rows_warned = True
+            logging.getLogger("vllm.kvsparse").warning(
+                "vllm-kvsparse: a step ran dense because its requests are unknown (%s)", why)
+        metrics.sink().fallback("unsupported")
+        return None
+
+    # ---- step boundaries ----------------------------------------------------------------------
+
+    def begin_step(self) -> None:
+        self.step = StepState()
+
+    def policy_state(self, req_id: str, policy, make_prompt: Callable[[], Any]):
+        """The request's policy state for this step (policy.begin on the first layer)."""
+        entry = self.step.policy_states.get(req_id)
+        if entry is None:
+            entry = (policy, policy.begin(make_prompt()))
+            self.step.policy_states[req_id] = entry
+        return entry[1]
+
+    def defer(self, layer: DeferredLayer) -> None:
+        self.step.deferred.append(layer)
+
+    def end_step(self) -> None:
+        """Decide the deferred layers (policy.finish once per request) and compact them."""
+        step, self.step = self.step, StepState()
+        if not step.deferred:
+            return
+        decisions: dict[str, dict[int, Any]] = {}
+        for req_id in {r for layer in step.deferred for r in layer.req_ids}:
+            policy, state = step.policy_states[req_id]
+            decisions[req_id] = policy.finish(state)
+        for layer in step.deferred:
+            layer.apply({r: decisions[r][layer.layer_idx] for r in layer.req_ids})
+
+    # ---- eviction bookkeeping ---------------------------------------------------------------
+
+    def note_compaction(self, req_id: str, layer_idx: int, front_blocks: int,
+                        prompt_blocks: int) -> None:
+        """Layer `layer_idx` of `req_id` now holds its kept prompt tokens in blocks [0, F);
+        blocks [F, prompt_blocks) are no longer read and are reported for freeing."""
+        self._compacted.setdefault(req_id, {})[layer_idx] = (front_blocks, prompt_blocks)
+        if front_blocks < prompt_blocks:
+            self._pending.setdefault(req_id, {})[layer_idx] = (front_blocks, prompt_blocks)
+
+    def compaction(self, req_id: str, layer_idx: int) -> tuple[int, int] | None:
+        return self._compacted.get(req_id, {}).get(layer_idx)
+
+    def take_evictions(self, live_req_ids) -> dict[str, dict[int, tuple[int, int]]]:
+        """The step's block ranges to free; also drops the state of requests that are gone."""
+        out, self._pending = self._pending, {}
+        for req_id in [r for r in self._compacted if r not in live_req_ids]:
+            del self._compacted[req_id]
+        self._fallback_counted &= set(live_req_ids)
+        return out
+
+    def count_fallback_once(self, req_id: str, reason: str) -> None:
+        """Every layer group's builder sees the request: count it once."""
+        from vllm_kvsparse import metrics
+
+        if req_id not in self._fallback_counted:
+            self._fallback_counted.add(req_id)
+            metrics.sink().fallback(reason)
 
 
-def take_evictions(live_req_ids) -> dict[str, dict[int, tuple[int, int]]]:
-    """The step's block ranges to free; also drops bookkeeping of requests that are gone."""
-    global _PENDING
-    out, _PENDING = _PENDING, {}
-    for req_id in [r for r in _COMPACTED if r not in live_req_ids]:
-        del _COMPACTED[req_id]
-    for req_id in [r for r in _FALLBACK_COUNTED if r not in live_req_ids]:
-        _FALLBACK_COUNTED.discard(req_id)
-    return out
+_CURRENT = WorkerRuntime()
 
 
-# Requests already counted as a dense fallback (every layer group's builder sees them).
-_FALLBACK_COUNTED: set[str] = set()
+def bind(runtime: WorkerRuntime) -> WorkerRuntime:
+    """Make `runtime` the process's runtime (the worker, at init_device; tests)."""
+    global _CURRENT
+    _CURRENT = runtime
+    return runtime
 
 
-def count_fallback_once(req_id: str, reason: str) -> None:
-    from vllm_kvsparse import metrics
-
-    if req_id not in _FALLBACK_COUNTED:
-        _FALLBACK_COUNTED.add(req_id)
-        metrics.sink().fallback(reason)
+def current() -> WorkerRuntime:
+    return _CURRENT

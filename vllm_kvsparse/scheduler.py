@@ -2,8 +2,8 @@
 
 The worker learns each layer's kept count only in the prefill forward, so it attaches
 `kvsparse_evictions = {req_id: {layer: (first_block, last_block)}}` to the ModelRunnerOutput,
-which reaches the scheduler's update_from_output (prototype-findings.md §3; relies on the
-synchronous scheduling the CPU platform forces). vLLM warns that custom schedulers are not a
+which reaches the scheduler's update_from_output (this relies on synchronous scheduling: the
+CUDA platform turns async scheduling off, the CPU platform never enables it). vLLM warns that custom schedulers are not a
 public interface: this class only adds a step before the stock update.
 """
 

@@ -1,7 +1,10 @@
-"""The plugin's workers: vLLM's CPU and GPU workers plus three duties of the sparse path.
+"""The plugin's workers: vLLM's CPU and GPU workers plus four duties of the sparse path.
 
-- share the model runner with the attention backend: vLLM 0.32's V1 attention metadata carries
-  no request ids, prompt lengths or image positions (vllm-0.32-internals.md §4.3);
+- own the process's WorkerRuntime (runtime.py) and share the model runner with the attention
+  backend through it: vLLM 0.32's V1 attention metadata carries no request ids, prompt lengths
+  or image positions (the runner's input batch does);
+- mark each step's boundaries (begin_step / end_step around the forward), where the methods
+  that decide after every layer compact;
 - with eviction on, declare one KV-cache group per decoder layer (KVSparseAttentionSpec);
 - attach the step's evicted block ranges to the ModelRunnerOutput for the scheduler.
 The platform sets `cpu_worker.KVSparseCPUWorker` or `gpu_worker.KVSparseGPUWorker` as
@@ -22,8 +25,8 @@ from vllm_kvsparse.config import SparsityConfig
 class KVSparseWorkerMixin:
     def init_device(self):
         super().init_device()
-        runtime.bind_runner(self.model_runner)
         self.sparsity = SparsityConfig.from_additional_config(self.vllm_config.additional_config)
+        self.kvsparse = runtime.bind(runtime.WorkerRuntime(self.model_runner))
 
     def get_kv_cache_spec(self):
         specs = super().get_kv_cache_spec()
@@ -43,14 +46,21 @@ class KVSparseWorkerMixin:
         return out
 
     def execute_model(self, scheduler_output):
-        return self._attach_evictions(super().execute_model(scheduler_output))
+        # The step's forward runs inside; methods that decide after every layer compact at
+        # its end (end_step), before the step's evictions are reported.
+        self.kvsparse.begin_step()
+        try:
+            output = super().execute_model(scheduler_output)
+        finally:
+            self.kvsparse.end_step()
+        return self._attach_evictions(output)
 
     def sample_tokens(self, grammar_output):
         return self._attach_evictions(super().sample_tokens(grammar_output))
 
     def _attach_evictions(self, output):
         if output is not None and hasattr(output, "req_ids"):
-            evictions = runtime.take_evictions(self.model_runner.requests)
+            evictions = self.kvsparse.take_evictions(self.model_runner.requests)
             if evictions:
                 output.kvsparse_evictions = evictions
             metrics.sink().flush()

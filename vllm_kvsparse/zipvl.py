@@ -2,8 +2,8 @@
 
 Paper: *ZipVL: Efficient Large Vision-Language Models with Dynamic Token Sparsification*,
 Yefei He, Feng Chen, Jing Liu, Wenqi Shao, Hong Zhou, Kaipeng Zhang, Bohan Zhuang,
-arXiv:2410.08584. Equation numbers below are the paper's; the project's contract is
-shared/notes/zipvl-method.md, steps 2-7.
+arXiv:2410.08584. Equation numbers below are the paper's (docs/policies.md lists the
+project's deviations).
 
 For one sequence of ``n`` prompt tokens in one layer:
 

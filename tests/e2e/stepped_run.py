@@ -61,7 +61,7 @@ def main():
     result["free_end"] = pool.get_num_free_blocks()
     result["preempted"] = sorted(result["preempted"])
     from vllm_kvsparse import metrics   # in-process engine: worker and scheduler share it
-    result["blocks_freed"] = metrics.sink().counters.get("kv_blocks_freed", 0)
+    result["blocks_freed"] = metrics.sink("engine").counters.get("kv_blocks_freed", 0)
     json.dump(result, open(sys.argv[2], "w"))
 
 

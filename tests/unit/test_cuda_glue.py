@@ -34,11 +34,12 @@ def vllm_config(tiny_model, tmp_path, monkeypatch):
     the FlashAttention classes only read its generic parts)."""
     from vllm.engine.arg_utils import EngineArgs
 
-    from vllm_kvsparse.attention import sparse_prefill
+    from vllm_kvsparse import records
 
     monkeypatch.setenv("VLLM_KVSPARSE_STATS_DIR", str(tmp_path / "stats"))
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
-    monkeypatch.setattr(sparse_prefill, "_RECORDER", None)
+    monkeypatch.setattr(records, "_RECORDERS", {})
+    runtime.bind(runtime.WorkerRuntime())           # a fresh worker-process state per test
     (tmp_path / "stats").mkdir()
     options = {"tau": 0.5, "min_prompt_len": 64, "num_recent_probes": 8,
                "num_random_probes": 8, "record_dir": str(tmp_path / "records")}
@@ -99,11 +100,8 @@ def test_builder_gives_compacted_decode_rows_a_virtual_block_table(vllm_config):
     tables = torch.arange(20, dtype=torch.int32).reshape(2, 10) + 100
     cm = common_metadata([1, 1], [71, 40], tables)
     rows = [runtime.RequestRow("a", 70, ()), runtime.RequestRow("b", 39, ())]
-    runtime.note_compaction("a", 0, 2, 4)        # layer 0 kept blocks [0, 2) of 4 full ones
-    try:
-        view, decode_rows = builder._virtual_view(cm, rows)
-    finally:
-        runtime.take_evictions(set())            # drop the bookkeeping
+    runtime.current().note_compaction("a", 0, 2, 4)   # layer 0 kept blocks [0, 2) of 4 full ones
+    view, decode_rows = builder._virtual_view(cm, rows)
     assert decode_rows == [("a", 0, 1, 70)]
     assert view.seq_lens.tolist() == [71 - 2 * BLOCK, 40]
     assert view.block_table_tensor[0].tolist()[:4] == [100, 101, 104, 105]
@@ -144,7 +142,9 @@ def test_impl_sparse_rows_attend_over_kept_set_and_compact_in_cache(vllm_config)
     from vllm.config import set_current_vllm_config
     from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadataBuilder
 
-    from vllm_kvsparse.attention.cuda import KVSparseFlashAttentionImpl, flash_attn_kv_views
+    from vllm_kvsparse.attention.cuda import (KVSparseFlashAttentionImpl,
+                                              KVSparseFlashAttentionMetadata,
+                                              flash_attn_kv_views)
 
     n, num_blocks = 100, 16
     prompts = [peaked_prompt(n, seed) for seed in (1, 2)]
@@ -161,17 +161,17 @@ def test_impl_sparse_rows_attend_over_kept_set_and_compact_in_cache(vllm_config)
     before = kv_cache.clone()
 
     builder = flash_builder(vllm_config)
-    md = FlashAttentionMetadataBuilder.build(builder, 0, cm)
-    md.kvsparse = builder._plan(cm, [runtime.RequestRow("r0", n, ()),
-                                     runtime.RequestRow("r1", n, ())])
-    md.kvsparse_decode = None
+    md = KVSparseFlashAttentionMetadata.extend(
+        FlashAttentionMetadataBuilder.build(builder, 0, cm),
+        builder._plan(cm, [runtime.RequestRow("r0", n, ()), runtime.RequestRow("r1", n, ())]),
+        None)
     assert md.kvsparse.dense_md is None
     with set_current_vllm_config(vllm_config):
         impl = KVSparseFlashAttentionImpl(HEADS, HEAD_DIM, HEAD_DIM ** -0.5, KV_HEADS, None,
                                           None, "auto")
     out = torch.full_like(q, float("nan"))
     impl.forward(SimpleNamespace(layer_name=LAYER), q, k, v, kv_cache, md, out)
-    evictions = runtime.take_evictions(set())
+    evictions = runtime.current().take_evictions(set())
 
     records = {r["req_id"]: r for r in read_records(impl.sparsity.record_dir)}
     for r, req in enumerate(("r0", "r1")):
@@ -278,7 +278,7 @@ def test_cuda_kernel_calls_of_sparse_prefill_match_the_cpu_paths():
     (interpreter, fp32), agree with the torch paths it uses on CPU."""
     from functools import partial
 
-    from vllm_kvsparse.attention import sparse_prefill as sp
+    from vllm_kvsparse.attention import layer_sparsity as sp
 
     q, k, v = peaked_prompt(96, seed=3)
     scale = HEAD_DIM ** -0.5
@@ -316,7 +316,7 @@ class ImplicitHostTensors(torch.overrides.TorchFunctionMode):
 def test_dense_tail_creates_every_tensor_on_the_inputs_device():
     """`_dense_tail` (recomputed output tokens after a preemption, evict: false) builds its
     causal mask on the logits' device, and equals an independent fp32 reference."""
-    from vllm_kvsparse.attention.sparse_prefill import _dense_tail
+    from vllm_kvsparse.attention.layer_sparsity import _dense_tail
 
     q, k, v = peaked_prompt(70, seed=5)
     with ImplicitHostTensors() as mode:
@@ -362,6 +362,8 @@ def test_metadata_reused_for_another_kv_group_carries_that_groups_block_table(vl
     update_block_table must swap the dense rows' block table and slots as well."""
     from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadataBuilder
 
+    from vllm_kvsparse.attention.cuda import KVSparseFlashAttentionMetadata
+
     ac = dict(vllm_config.additional_config)
     ac["kv_sparsity_config"] = dict(ac["kv_sparsity_config"], evict=False)
     vllm_config.additional_config = ac
@@ -369,11 +371,11 @@ def test_metadata_reused_for_another_kv_group_carries_that_groups_block_table(vl
     assert builder.evict_layer is None and builder.supports_update_block_table
     tables = torch.arange(30, dtype=torch.int32).reshape(3, 10)
     cm = common_metadata([1, 100, 20], [41, 100, 20], tables)
-    md = FlashAttentionMetadataBuilder.build(builder, 0, cm)
-    md.kvsparse = builder._plan(cm, [runtime.RequestRow("decode", 30, ()),
-                                     runtime.RequestRow("long", 100, ()),
-                                     runtime.RequestRow("short", 20, ())])
-    md.kvsparse_decode = None
+    md = KVSparseFlashAttentionMetadata.extend(
+        FlashAttentionMetadataBuilder.build(builder, 0, cm),
+        builder._plan(cm, [runtime.RequestRow("decode", 30, ()),
+                           runtime.RequestRow("long", 100, ()),
+                           runtime.RequestRow("short", 20, ())]), None)
     other_tables, other_slots = tables + 500, cm.slot_mapping + 10_000
     other = builder.update_block_table(md, other_tables, other_slots)
     dense = other.kvsparse.dense_md

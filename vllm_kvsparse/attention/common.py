@@ -23,20 +23,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionType
 
 from vllm_kvsparse import eviction, metrics, runtime
-from vllm_kvsparse.attention.sparse_prefill import RowSelection, SparsePrefill
+from vllm_kvsparse.attention.layer_sparsity import LayerSparsity, RowSelection
 from vllm_kvsparse.config import SparsityConfig
 
 logger = logging.getLogger("vllm.kvsparse")
-
-_LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
 
 
 @dataclass
@@ -61,6 +59,25 @@ class StepPlan:
     block_size: int | None              # set when this layer evicts
 
 
+@dataclass
+class KVSparseMetadataFields:
+    """The plugin's per-step fields on vLLM's attention metadata. Each backend declares its
+    metadata type as `class KVSparseXMetadata(KVSparseMetadataFields, <vLLM's XMetadata>)`
+    (this base first, so these defaulted fields come after vLLM's)."""
+
+    kvsparse: StepPlan | None = None    # sparse rows of a prefill step (None: stock step)
+    # decode rows of requests this layer compacted: (req_id, token start, end, position)
+    kvsparse_decode: list[tuple[str, int, int, int]] | None = None
+
+    @classmethod
+    def extend(cls, md, plan: StepPlan | None, decode_rows):
+        """vLLM's metadata `md` as this type, with the plugin's fields set."""
+        new = object.__new__(cls)
+        new.__dict__.update(vars(md))
+        new.kvsparse, new.kvsparse_decode = plan, decode_rows
+        return new
+
+
 def sparsity_from(vllm_config) -> SparsityConfig:
     sparsity = SparsityConfig.from_additional_config(vllm_config.additional_config)
     if sparsity.enabled and sparsity.num_layers is None:
@@ -73,7 +90,10 @@ def sparsity_from(vllm_config) -> SparsityConfig:
 
 
 class KVSparseBuilderMixin:
-    """Metadata builder half. Needs `self.block_size` and `build` from the vLLM builder."""
+    """Metadata builder half. Needs `self.block_size` and `build` from the vLLM builder, and
+    `metadata_cls` (the backend's KVSparseMetadataFields subclass of vLLM's metadata)."""
+
+    metadata_cls: type[KVSparseMetadataFields]
 
     def _init_sparsity(self, kv_cache_spec, vllm_config) -> None:
         self.sparsity = sparsity_from(vllm_config)
@@ -92,7 +112,7 @@ class KVSparseBuilderMixin:
         off, models with several groups): the dense rows' sub-metadata gets that group's block
         table and slots too, not only the full batch's."""
         new = super().update_block_table(metadata, blk_table, slot_mapping)
-        plan = getattr(metadata, "kvsparse", None)
+        plan = metadata.kvsparse
         if plan is not None and plan.dense_md is not None:
             rows = plan.dense_rows.to(blk_table.device)
             dense_md = super().update_block_table(
@@ -103,16 +123,14 @@ class KVSparseBuilderMixin:
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         if not self.sparsity.enabled:
             md = super().build(common_prefix_len, common_attn_metadata, fast_build)
-            md.kvsparse = md.kvsparse_decode = None
-            return md
-        rows = runtime.batch_rows(common_attn_metadata.num_reqs)
+            return self.metadata_cls.extend(md, None, None)
+        rows = runtime.current().batch_rows(common_attn_metadata.num_reqs)
         cm, decode_rows = common_attn_metadata, None
         if rows is not None and self.evict_layer is not None:
             cm, decode_rows = self._virtual_view(common_attn_metadata, rows)
         md = super().build(common_prefix_len, cm, fast_build)
-        md.kvsparse = self._plan(cm, rows) if rows is not None else None
-        md.kvsparse_decode = decode_rows
-        return md
+        plan = self._plan(cm, rows) if rows is not None else None
+        return self.metadata_cls.extend(md, plan, decode_rows)
 
     def _virtual_view(self, cm, rows):
         """Decode rows of requests whose prompt this layer compacted read blocks [0, F) and the
@@ -123,7 +141,7 @@ class KVSparseBuilderMixin:
         seq_lens, table = cm.seq_lens, cm.block_table_tensor
         decode_rows = []
         for i, row in enumerate(rows):
-            layout = runtime.compaction(row.req_id, self.evict_layer)
+            layout = runtime.current().compaction(row.req_id, self.evict_layer)
             num_computed = seq_lens_host[i] - (qsl[i + 1] - qsl[i])
             if layout is None or num_computed < row.num_prompt_tokens:
                 continue
@@ -155,9 +173,9 @@ class KVSparseBuilderMixin:
                 continue
             dense.append(i)
             if whole_prompt_now:
-                runtime.count_fallback_once(row.req_id, "short_prompt")
+                runtime.current().count_fallback_once(row.req_id, "short_prompt")
             elif num_computed == 0:  # a prompt split over steps: selection needs it whole
-                runtime.count_fallback_once(row.req_id, "unsupported")
+                runtime.current().count_fallback_once(row.req_id, "unsupported")
         if not sparse:
             return None
         block_size = self.block_size if self.evict_layer is not None else None
@@ -197,40 +215,45 @@ def _host_seq_lens(cm) -> list[int]:
 
 
 class KVSparseImplMixin:
-    """Attention impl half. Device-specific: `_compact_rows` (cache layouts differ)."""
+    """Attention impl half. Device-specific: `_compact_rows` (cache layouts differ) and
+    `compaction_reads_step_kv` (whether it re-writes kept tokens from the step's K/V)."""
+
+    compaction_reads_step_kv: bool = True
 
     def _init_sparsity(self) -> None:
         from vllm.config import get_current_vllm_config
 
         self.sparsity = SparsityConfig.from_additional_config(
             get_current_vllm_config().additional_config)
-        self._sparse_prefill: SparsePrefill | None = None
+        self._layer_sparsity: LayerSparsity | None = None
         self._layer_checked = False
         self._decode_log: dict[str, list] = {}
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
-        plan = getattr(attn_metadata, "kvsparse", None)
+        plan = attn_metadata.kvsparse if attn_metadata is not None else None
         if plan is None or self.attn_type != AttentionType.DECODER:
             super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                             output_scale, output_block_scale)
-            if getattr(attn_metadata, "kvsparse_decode", None) and self.sparsity.record_tensors:
+            if attn_metadata is not None and attn_metadata.kvsparse_decode \
+                    and self.sparsity.record_tensors:
                 self._record_decode(layer, query, key, value, output, attn_metadata)
             return output
-        sparse_prefill = self._sparse_prefill_for(layer)
-        if sparse_prefill is None:  # exempt layer: dense for everyone
+        sparsity = self._layer_sparsity_for(layer)
+        if sparsity is None:  # exempt layer: dense for everyone
             metrics.sink().fallback("exempt_layer", len(plan.sparse_rows))
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                    output_scale, output_block_scale)
-        # Select first: a row whose selection keeps every token is plain dense attention, and
-        # runs through vLLM's kernel so its output is bit-identical to stock vLLM.
-        selections = [sparse_prefill.select(row.req_id, query[row.start:row.end],
-                                            key[row.start:row.end], row.num_prompt,
-                                            row.visual_ranges, plan.block_size)
+        rt = runtime.current()
+        # Decide first: rows the method attends sparsely get the sparse kernel; every other row
+        # (decode, short prompts, dense-prefill methods, keep-all selections) runs through
+        # vLLM's kernel, so its output is bit-identical to stock vLLM.
+        selections = [sparsity.decide(rt, row, query[row.start:row.end],
+                                      key[row.start:row.end], plan.block_size)
                       for row in plan.sparse_rows]
-        partial = [(row, sel) for row, sel in zip(plan.sparse_rows, selections)
-                   if not sel.keeps_all]
-        if len(partial) < len(plan.sparse_rows):   # vLLM's kernel for every row, then overwrite
+        sparse = [(row, sel) for row, sel in zip(plan.sparse_rows, selections)
+                  if sel is not None and sel.sparse_attention]
+        if len(sparse) < len(plan.sparse_rows):    # vLLM's kernel for every row, then overwrite
             super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
         elif plan.dense_md is not None:            # vLLM's kernel for the dense rows only
             tokens = plan.dense_tokens
@@ -238,17 +261,51 @@ class KVSparseImplMixin:
             super().forward(layer, query[tokens], key[tokens], value[tokens], kv_cache,
                             plan.dense_md, dense_out)
             output[tokens] = dense_out
-        for row, sel in partial:
+        for row, sel in sparse:
             s, e = row.start, row.end
-            output[s:e] = sparse_prefill.attend(sel, query[s:e], key[s:e], value[s:e])
-        if plan.block_size is not None:  # after every read of this step: compact, then report
-            rows = list(zip(plan.sparse_rows, selections))
-            self._compact_rows(layer, rows, key, value, kv_cache, attn_metadata.block_table,
-                               plan.block_size)
-            for row, sel in rows:
-                runtime.note_compaction(row.req_id, sparse_prefill.layer_idx, sel.front_blocks,
-                                        sel.prompt_blocks)
+            output[s:e] = sparsity.attend(sel, query[s:e], key[s:e], value[s:e])
+        if plan.block_size is None:
+            return output
+        # After every read of this layer's cache in this step: compact, then report.
+        decided = [(row, sel) for row, sel in zip(plan.sparse_rows, selections)
+                   if sel is not None]
+        self._compact_and_note(rt, layer, decided, key, value, kv_cache,
+                               attn_metadata.block_table, plan.block_size)
+        waiting = [row for row, sel in zip(plan.sparse_rows, selections) if sel is None]
+        if waiting:
+            self._defer(rt, layer, waiting, key, value, kv_cache, attn_metadata.block_table,
+                        plan.block_size, query.shape[1])
         return output
+
+    def _compact_and_note(self, rt, layer, rows, key, value, kv_cache, block_table,
+                          block_size) -> None:
+        if not rows:
+            return
+        self._compact_rows(layer, rows, key, value, kv_cache, block_table, block_size)
+        for row, sel in rows:
+            rt.note_compaction(row.req_id, self._layer_sparsity.layer_idx, sel.front_blocks,
+                               sel.prompt_blocks)
+
+    def _defer(self, rt, layer, rows, key, value, kv_cache, block_table, block_size,
+               num_heads) -> None:
+        """The method decides these rows only after every layer (VL-Cache, AirCache): keep
+        this layer's K/V whole until the end of the step, then compact. CPU re-writes kept
+        tokens from the step's K/V, so those are copied (the prompt's K/V of every such layer
+        lives until the step ends: the methods' documented dense peak); CUDA moves them inside
+        the cache, which outlives the step."""
+        if self.compaction_reads_step_kv:
+            key, value = key.clone(), value.clone()
+        block_table = block_table.clone()
+        sparsity = self._layer_sparsity
+        head_dim = key.shape[-1]
+
+        def apply(choices) -> None:
+            decided = [(row, sparsity.selection(row, choices[row.req_id], block_size, 0.0,
+                                                num_heads, head_dim)) for row in rows]
+            self._compact_and_note(rt, layer, decided, key, value, kv_cache, block_table,
+                                   block_size)
+
+        rt.defer(runtime.DeferredLayer(sparsity.layer_idx, [row.req_id for row in rows], apply))
 
     def _compact_rows(self, layer, rows: list[tuple[SparseRow, RowSelection]], key, value,
                       kv_cache, block_table, block_size) -> None:
@@ -267,14 +324,14 @@ class KVSparseImplMixin:
             torch.save(store, os.path.join(self.sparsity.record_dir,
                                            f"decode-{req_id}-{layer.layer_name}.pt"))
 
-    def _sparse_prefill_for(self, layer) -> SparsePrefill | None:
-        """This layer's sparse prefill, or None for an exempt layer (decided once)."""
+    def _layer_sparsity_for(self, layer) -> LayerSparsity | None:
+        """This layer's side of the method, or None for an exempt layer (decided once). The
+        layer index comes from vLLM's own parser of layer names, as the KV-cache specs'."""
         if not self._layer_checked:
             self._layer_checked = True
-            match = _LAYER_INDEX.search(layer.layer_name)
-            layer_idx = int(match.group(1)) if match else -1
+            layer_idx = extract_layer_index(layer.layer_name)
             if self.sparsity.layer_is_sparse(layer_idx):
-                self._sparse_prefill = SparsePrefill(self.sparsity, layer_idx, self.scale)
+                self._layer_sparsity = LayerSparsity(self.sparsity, layer_idx, self.scale)
             logger.debug("vllm-kvsparse: %s sparse=%s", layer.layer_name,
-                         self._sparse_prefill is not None)
-        return self._sparse_prefill
+                         self._layer_sparsity is not None)
+        return self._layer_sparsity

@@ -7,13 +7,17 @@ backend unchanged.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttentionBackendImpl,
+                                                 CPUAttentionMetadata,
                                                  CPUAttentionMetadataBuilder)
 
 from vllm import _custom_ops as ops
 
-from vllm_kvsparse.attention.common import KVSparseBuilderMixin, KVSparseImplMixin
+from vllm_kvsparse.attention.common import (KVSparseBuilderMixin, KVSparseImplMixin,
+                                            KVSparseMetadataFields)
 
 
 class KVSparseCPUAttentionBackend(CPUAttentionBackend):
@@ -30,7 +34,14 @@ class KVSparseCPUAttentionBackend(CPUAttentionBackend):
         return KVSparseCPUMetadataBuilder
 
 
+@dataclass
+class KVSparseCPUAttentionMetadata(KVSparseMetadataFields, CPUAttentionMetadata):
+    pass
+
+
 class KVSparseCPUMetadataBuilder(KVSparseBuilderMixin, CPUAttentionMetadataBuilder):
+    metadata_cls = KVSparseCPUAttentionMetadata
+
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._init_sparsity(kv_cache_spec, vllm_config)
@@ -42,8 +53,8 @@ class KVSparseCPUAttentionImpl(KVSparseImplMixin, CPUAttentionBackendImpl):
         self._init_sparsity()
 
     def _compact_rows(self, layer, rows, key, value, kv_cache, block_table, block_size) -> None:
-        """The CPU cache's element order inside a block is ISA-specific (vllm-0.32-internals.md
-        §2.4), so the kept tokens are re-written through vLLM's own cache-write op from the
+        """The CPU cache's element order inside a block is ISA-specific (vLLM 0.32's
+        cpu_attn.py packs it per ISA for its kernels), so the kept tokens are re-written through vLLM's own cache-write op from the
         plain K/V of this step rather than moved inside the cache."""
         num_blocks, num_kv_heads, _, _ = kv_cache.shape
         key_cache, value_cache = kv_cache.view(

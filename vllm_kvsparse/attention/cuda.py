@@ -12,20 +12,23 @@ is CUDA-specific is only:
     (decode rows then read per-layer virtual tables that a captured graph would not see);
     piecewise graphs, which run attention eagerly, stay on. vLLM itself downgrades the graph
     mode from what the builder reports (`get_cudagraph_support`).
-The probe-score and sparse-attention kernels are picked in sparse_prefill.py by the tensors'
+The probe-score and sparse-attention kernels are picked in layer_sparsity.py by the tensors'
 device (Triton on CUDA).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from vllm.v1.attention.backend import AttentionCGSupport
 from vllm.v1.attention.backends.flash_attn import (FlashAttentionBackend, FlashAttentionImpl,
+                                                   FlashAttentionMetadata,
                                                    FlashAttentionMetadataBuilder)
 
 from vllm_kvsparse import kernels
 from vllm_kvsparse.attention.common import (KVSparseBuilderMixin, KVSparseImplMixin,
-                                            sparsity_from)
+                                            KVSparseMetadataFields, sparsity_from)
 
 
 class KVSparseFlashAttentionBackend(FlashAttentionBackend):
@@ -42,7 +45,14 @@ class KVSparseFlashAttentionBackend(FlashAttentionBackend):
         return KVSparseFlashAttentionMetadataBuilder
 
 
+@dataclass
+class KVSparseFlashAttentionMetadata(KVSparseMetadataFields, FlashAttentionMetadata):
+    pass
+
+
 class KVSparseFlashAttentionMetadataBuilder(KVSparseBuilderMixin, FlashAttentionMetadataBuilder):
+    metadata_cls = KVSparseFlashAttentionMetadata
+
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._init_sparsity(kv_cache_spec, vllm_config)
@@ -59,6 +69,8 @@ class KVSparseFlashAttentionMetadataBuilder(KVSparseBuilderMixin, FlashAttention
 
 
 class KVSparseFlashAttentionImpl(KVSparseImplMixin, FlashAttentionImpl):
+    compaction_reads_step_kv = False   # kept tokens move inside the cache
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._init_sparsity()

@@ -4,7 +4,7 @@ and skewness of visual importance (deferred, visual only).
 Paper: Huang et al., "AirCache: Activating Inter-modal Relevancy KV Cache Compression for
 Efficient Large Vision-Language Model Inference", ICCV 2025, arXiv 2503.23956, and its
 supplement. No official code is public; the equations are the main paper's §3 as transcribed in
-shared/notes/policies.md §7 (not checked against the PDF).
+the project's method notes (docs/policies.md) (not checked against the PDF).
 
 Per layer ``l`` (``T`` text positions, ``V`` visual positions, ``N_v = |V|``)::
 
@@ -24,7 +24,7 @@ After the last layer (``finish``), with ``r = budget``::
 Parameters: ``budget=0.2`` (kept fraction of the visual tokens, averaged over layers),
 ``alpha=0.9`` (the paper's default; flat from 0.85 to 0.95).
 
-Choices where the paper is silent (policies.md §7, "the plugin's choice"):
+Choices where the paper is silent (docs/policies.md, AirCache):
 
 - heads: mean over query heads; masking: causal (elite row ``i`` sees keys of ``V ∪ E`` at
   positions <= ``i``; the last text row sees all text); one set per layer;

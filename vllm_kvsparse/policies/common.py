@@ -28,7 +28,7 @@ def floor_count(fraction: float, total: int) -> int:
 
 
 def budget_count(fraction: float, total: int) -> int:
-    """``C = max(1, floor(fraction * total))`` (policies.md §0), capped at ``total``."""
+    """``C = max(1, floor(fraction * total))`` (docs/policies.md, conventions), capped at ``total``."""
     return min(total, max(1, floor_count(fraction, total)))
 
 

@@ -61,6 +61,11 @@ class FastV(Policy):
         self._check_int("k", 1)
         self._check_fraction("budget")
 
+    @property
+    def scoring_layer(self) -> int:
+        """The layer whose attention decides the kept set (the glue must not exempt it)."""
+        return self.k - 1
+
     def visual_keep_count(self, num_visual: int) -> int:
         return min(num_visual, max(1, int(math.floor(num_visual * self.budget + 0.5))))
 

@@ -3,7 +3,7 @@
 Paper: He et al., "ZipVL: Efficient Large Vision-Language Models with Dynamic Token
 Sparsification", arXiv 2410.08584. No official code is public; the project's implementation is
 ``vllm_kvsparse.zipvl.select_important_tokens`` (its docstring and
-shared/notes/zipvl-method.md), which this policy calls unchanged.
+docs/policies.md), which this policy calls unchanged.
 
 Per layer: probe rows = the last ``num_recent_probes`` positions plus ``num_random_probes``
 seeded-random positions; ``a_j`` = sum over probe rows of the head-mean causal softmax (Eq. 6);

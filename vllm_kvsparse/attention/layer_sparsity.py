@@ -1,9 +1,13 @@
-"""ZipVL sparse prefill of one request in one layer: the device-independent part of the glue.
+"""One decoder layer's side of a KV-sparsity method, for every method: the device-independent
+part of the glue, shared by the CPU and CUDA backends.
 
-Calls the pure selection math (vllm_kvsparse.zipvl) and the attention kernels, and records the
-kept set. Shared by the CPU and CUDA backends. On CUDA tensors the probe scores and the sparse
-attention run the project's Triton kernels (vllm_kvsparse.kernels); on CPU tensors the torch
-paths of zipvl.py (fp32, SDPA's fused CPU kernel).
+`LayerSparsity.decide` hands one request's prompt queries and keys to the method's policy
+(vllm_kvsparse.policies) and turns its Choice into what the backend needs: the kept positions
+(topped up to whole KV blocks when the layer evicts), a record and the metrics.
+`LayerSparsity.attend` is the token-sparse attention of the methods whose prefill is sparse
+(zipvl, fastv). On CUDA tensors the probe scores and the sparse attention run the project's
+Triton kernels (vllm_kvsparse.kernels); on CPU tensors the torch paths (fp32, SDPA's fused
+CPU kernel).
 """
 
 from __future__ import annotations
@@ -14,18 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_kvsparse import eviction, kernels, metrics, runtime, zipvl
+from vllm_kvsparse import eviction, kernels, metrics, zipvl
 from vllm_kvsparse.config import SparsityConfig
-from vllm_kvsparse.records import LayerRecord, Recorder
-
-_RECORDER: Recorder | None = None
-
-
-def recorder(cfg: SparsityConfig) -> Recorder:
-    global _RECORDER
-    if _RECORDER is None:
-        _RECORDER = Recorder(cfg.record_dir)
-    return _RECORDER
+from vllm_kvsparse.policies import Choice, LayerInput, PromptInfo
+from vllm_kvsparse.records import LayerRecord, recorder
+from vllm_kvsparse.runtime import WorkerRuntime, visual_mask
 
 
 @dataclass
@@ -34,6 +31,7 @@ class RowSelection:
     num_prompt: int
     indices: torch.Tensor   # kept prompt positions, ascending
     record: LayerRecord
+    sparse_attention: bool            # attend over `indices` only in this step (zipvl, fastv)
     front_blocks: int | None = None   # with eviction: blocks [0, F) hold the kept tokens < M
     prompt_blocks: int | None = None  # with eviction: blocks entirely inside the prompt
 
@@ -42,42 +40,63 @@ class RowSelection:
         return self.indices.numel() == self.num_prompt
 
 
-class SparsePrefill:
+class LayerSparsity:
     def __init__(self, cfg: SparsityConfig, layer_idx: int, scale: float):
         self.cfg = cfg
+        self.policy = cfg.policy
         self.layer_idx = layer_idx
         self.scale = scale
-        self.recorder = recorder(cfg)
+        self.recorder = recorder(cfg.record_dir)
 
-    def select(self, req_id: str, query: torch.Tensor, key: torch.Tensor, num_prompt: int,
-               visual_ranges, block_size: int | None = None) -> RowSelection:
-        """ZipVL's important set over the first num_prompt rows of one request's
-        query [t, H, D] / key [t, Hkv, D] (t > num_prompt only for a recomputed request)."""
-        n = num_prompt
+    @property
+    def deferred(self) -> bool:
+        """The method decides this layer only at the end of the step (after every layer)."""
+        return self.policy.deferred
+
+    def decide(self, runtime: WorkerRuntime, row, query: torch.Tensor, key: torch.Tensor,
+               block_size: int | None) -> RowSelection | None:
+        """The kept set of one request in this layer, from its prompt rows of query [t, H, D] /
+        key [t, Hkv, D] (t > num_prompt only for a recomputed request); None when the method
+        defers the decision to the end of the step."""
+        n = row.num_prompt
         t0 = time.perf_counter()
-        candidates = runtime.visual_mask(n, visual_ranges) if self.cfg.scope == "visual" else None
-        sel = zipvl.select_important_tokens(
-            query[:n], key[:n], tau=self.cfg.tau, num_recent=self.cfg.num_recent_probes,
-            num_random=self.cfg.num_random_probes, keep_first=self.cfg.keep_first,
-            keep_last=self.cfg.keep_last, scale=self.scale, seed=self.cfg.seed,
-            candidate_mask=candidates,
-            scores_fn=_fused_probe_scores if query.is_cuda else None)
-        indices, front_blocks, prompt_blocks = sel.indices, None, None
+
+        def prompt():
+            mask = visual_mask(n, row.visual_ranges) if row.visual_ranges else None
+            return PromptInfo(n, mask, self.cfg.num_layers, query.shape[1], key.shape[1])
+
+        state = runtime.policy_state(row.req_id, self.policy, prompt)
+        choice = self.policy.layer(state, LayerInput(
+            self.layer_idx, query[:n], key[:n], self.scale,
+            scores_fn=_fused_probe_scores if query.is_cuda else None))
+        if choice is None:
+            return None
+        return self.selection(row, choice, block_size, time.perf_counter() - t0,
+                              num_heads=query.shape[1], head_dim=query.shape[2])
+
+    def selection(self, row, choice: Choice, block_size: int | None, seconds: float,
+                  num_heads: int, head_dim: int) -> RowSelection:
+        """A policy's Choice for one request as the backend uses it, recorded and counted."""
+        n = row.num_prompt
+        indices, front_blocks, prompt_blocks = choice.indices, None, None
         if block_size is not None:
             indices, front_blocks = eviction.kept_set_for_eviction(
-                sel.indices, sel.normalized, n, block_size)
+                choice.indices, choice.priority, n, block_size)
             prompt_blocks = eviction.full_prompt_blocks(n, block_size)
+        num_kept = int(indices.numel())
         record = LayerRecord(
-            req_id=req_id, layer=self.layer_idx, num_tokens=n,
-            num_important=sel.num_important, num_kept=int(indices.numel()),
-            probe_seconds=time.perf_counter() - t0,
+            req_id=row.req_id, layer=self.layer_idx, method=self.cfg.method, num_tokens=n,
+            num_important=choice.num_scored if choice.num_scored is not None else num_kept,
+            num_kept=num_kept, probe_seconds=seconds,
             kept=indices.tolist() if self.recorder.wants_indices else None,
-            visual_ranges=[list(r) for r in visual_ranges] if self.recorder.wants_indices
+            visual_ranges=[list(r) for r in row.visual_ranges] if self.recorder.wants_indices
             else None)
         self.recorder.add(record)
-        metrics.sink().observe_layer(self.layer_idx, n, record.num_kept, record.probe_seconds,
-                                     num_heads=query.shape[1], head_dim=query.shape[2])
-        return RowSelection(req_id, n, indices, record, front_blocks, prompt_blocks)
+        sparse_attention = self.policy.sparse_prefill and num_kept < n
+        metrics.sink().observe_layer(self.layer_idx, n, num_kept, seconds, num_heads=num_heads,
+                                     head_dim=head_dim, prefill_sparse=sparse_attention)
+        return RowSelection(row.req_id, n, indices, record, sparse_attention, front_blocks,
+                            prompt_blocks)
 
     def attend(self, sel: RowSelection, query: torch.Tensor, key: torch.Tensor,
                value: torch.Tensor) -> torch.Tensor:
@@ -88,7 +107,8 @@ class SparsePrefill:
         n, t = sel.num_prompt, query.shape[0]
         out = torch.empty_like(query)
         if self.cfg.evicts or t == n:
-            rows = torch.cat([sel.indices.to(query.device), torch.arange(n, t, device=query.device)])
+            rows = torch.cat([sel.indices.to(query.device),
+                              torch.arange(n, t, device=query.device)])
             out[:] = _sparse_attention(query, key, value, rows, self.scale)
         else:
             out[:n] = _sparse_attention(query[:n], key[:n], value[:n], sel.indices, self.scale)
@@ -106,7 +126,8 @@ class SparsePrefill:
 
 
 def _fused_probe_scores(query, key, probe_idx, scale, backend: str = "auto"):
-    """Eq. 6 / Eq. 8 scores by the fused Triton kernel (no [H, m, n] matrix)."""
+    """Head-averaged probe-row column sums (ZipVL Eq. 6 / Eq. 8) by the fused Triton kernel
+    (no [H, m, n] matrix); the policies' `scores_fn` on CUDA."""
     return kernels.compute_probe_scores(query[probe_idx], probe_idx, key, scale=scale,
                                         backend=backend)
 
