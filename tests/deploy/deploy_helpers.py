@@ -87,3 +87,24 @@ def entrypoint_dry_run(env: dict[str, str], *args: str) -> subprocess.CompletedP
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "/usr/bin:/bin")])
     full = {"PATH": path, "KVSPARSE_DRY_RUN": "1", **env}
     return run(["bash", str(ENTRYPOINT), *args], env=full, timeout=30)
+
+
+# A stand-in `vllm` for running the entrypoint for real (its `exec`, not the dry run): prints
+# the argv it was started with and the environment entries the entrypoint may set, as JSON.
+FAKE_VLLM = """#!/usr/bin/env python3
+import json, os, sys
+print(json.dumps({"argv": sys.argv[1:],
+                  "env": {k: os.environ.get(k) for k in ("HOME", "USER", "LOGNAME")}}))
+"""
+
+
+def entrypoint_exec(env: dict[str, str], *args: str, fake_bin: Path) -> subprocess.CompletedProcess:
+    """Run docker/entrypoint.sh as the container would (no dry run) with a fake `vllm` first
+    on PATH, in a clean environment (no HOME, no USER unless `env` sets them)."""
+    fake_bin.mkdir(parents=True, exist_ok=True)
+    vllm = fake_bin / "vllm"
+    vllm.write_text(FAKE_VLLM)
+    vllm.chmod(0o755)
+    path = os.pathsep.join([str(fake_bin), str(Path(sys.executable).parent),
+                            os.environ.get("PATH", "/usr/bin:/bin")])
+    return run(["bash", str(ENTRYPOINT), *args], env={"PATH": path, **env}, timeout=30)

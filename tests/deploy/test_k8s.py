@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 import yaml
-from deploy_helpers import DEPLOY, image_env, need_module, run, tool
+from deploy_helpers import DEPLOY, entrypoint_dry_run, image_env, need_module, run, tool
 
 from vllm_kvsparse.config import SparsityConfig
 
@@ -41,19 +41,21 @@ def container(objs) -> dict:
     return one(objs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
 
 
+def with_component(tmp_path_factory, overlay: str, component: str) -> list[dict]:
+    """An overlay plus an optional component, the way the docs tell a user to add it."""
+    d = tmp_path_factory.mktemp(f"{overlay}-{component}")
+    shutil.copytree(DEPLOY, d / "deploy")
+    user = d / "deploy" / "k8s" / "overlays" / f"{overlay}-{component}"
+    user.mkdir()
+    (user / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources: [../{overlay}]\ncomponents: [../../components/{component}]\n")
+    return kustomize(user)
+
+
 @pytest.fixture(scope="module")
 def with_servicemonitor(tmp_path_factory):
-    out = {}
-    for overlay in OVERLAYS:
-        d = tmp_path_factory.mktemp(f"{overlay}-sm")
-        shutil.copytree(DEPLOY, d / "deploy")
-        user = d / "deploy" / "k8s" / "overlays" / f"{overlay}-prometheus-operator"
-        user.mkdir()
-        (user / "kustomization.yaml").write_text(
-            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
-            f"resources: [../{overlay}]\ncomponents: [../../components/servicemonitor]\n")
-        out[overlay] = kustomize(user)
-    return out
+    return {o: with_component(tmp_path_factory, o, "servicemonitor") for o in OVERLAYS}
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
@@ -114,10 +116,16 @@ def test_probes_security_and_metrics_scraping(overlay):
     psc, csc = pod["spec"]["securityContext"], c["securityContext"]
     assert psc["runAsNonRoot"] is True and psc["runAsUser"] != 0
     assert csc["allowPrivilegeEscalation"] is False and csc["capabilities"]["drop"] == ["ALL"]
-    for obj in (pod, one(objs, "Service")):
-        ann = obj["metadata"]["annotations"]
-        assert ann["prometheus.io/scrape"] == "true" and ann["prometheus.io/path"] == "/metrics"
-        assert int(ann["prometheus.io/port"]) == c["ports"][0]["containerPort"]
+    # Annotation-based scraping: the pod only. With the Service annotated as well, the
+    # community Prometheus chart's kubernetes-pods and kubernetes-service-endpoints jobs both
+    # scrape each pod, under two `job` labels, and every sum() on the dashboard doubles.
+    ann = pod["metadata"]["annotations"]
+    assert ann["prometheus.io/scrape"] == "true" and ann["prometheus.io/path"] == "/metrics"
+    assert int(ann["prometheus.io/port"]) == c["ports"][0]["containerPort"]
+    for obj in objs:
+        if obj is not one(objs, "Deployment"):
+            assert not [k for k in obj["metadata"].get("annotations", {})
+                        if k.startswith("prometheus.io/")], obj["metadata"]
     mounts = {m["mountPath"] for m in c["volumeMounts"]}
     assert {"/cache", "/dev/shm", "/tmp"} <= mounts   # writable dirs of a read-only rootfs
 
@@ -181,3 +189,59 @@ def test_optional_servicemonitor_component_selects_the_service(overlay, with_ser
     for obj in objs:
         if obj["kind"] != "ServiceMonitor":
             kv.validate(obj, K8S_VERSIONS[-1], strict=True)
+
+
+def container_env(objs) -> dict[str, str]:
+    """The environment the entrypoint sees: the ConfigMap (envFrom) plus literal env values."""
+    c = container(objs)
+    env: dict[str, str] = {}
+    for ref in c["envFrom"]:
+        env.update(one(objs, "ConfigMap", ref["configMapRef"]["name"])["data"])
+    env.update({e["name"]: e["value"] for e in c.get("env", []) if "value" in e})
+    return env
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_sigterm_drains_in_flight_requests_within_the_grace_period(overlay):
+    """vLLM 0.32 aborts in-flight requests on SIGTERM unless --shutdown-timeout > 0 (default
+    0: config/vllm.py shutdown_timeout, engine/core.py mode=abort). The entrypoint must pass
+    it, and it must end before the kubelet's SIGKILL."""
+    objs = rendered(overlay)
+    spec = one(objs, "Deployment")["spec"]["template"]["spec"]
+    grace = spec["terminationGracePeriodSeconds"]
+    r = entrypoint_dry_run(container_env(objs))
+    assert r.returncode == 0, r.stderr
+    args = r.stdout.split()
+    timeout = int(args[args.index("--shutdown-timeout") + 1])
+    assert 0 < timeout <= grace - 15, (timeout, grace)   # teardown time left before SIGKILL
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_cache_volume_ownership_is_not_walked_on_every_start(overlay):
+    psc = one(rendered(overlay), "Deployment")["spec"]["template"]["spec"]["securityContext"]
+    assert psc["fsGroupChangePolicy"] == "OnRootMismatch" and psc["fsGroup"] == 10001
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_api_key_comes_from_an_optional_secret_not_from_arguments(overlay):
+    objs = rendered(overlay)
+    env = {e["name"]: e for e in container(objs).get("env", [])}
+    ref = env["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"]
+    assert ref["optional"] is True and ref["name"] == "vllm-api-key"
+    assert "--api-key" not in json.dumps(container_env(objs))
+
+
+def test_cpu_overlay_adds_back_only_sys_nice_for_numa_binding():
+    caps = {o: container(rendered(o))["securityContext"]["capabilities"] for o in OVERLAYS}
+    assert caps["cpu"] == {"drop": ["ALL"], "add": ["SYS_NICE"]}
+    assert caps["gpu"] == {"drop": ["ALL"]}
+
+
+def test_nvidia_runtimeclass_component(tmp_path_factory):
+    objs = with_component(tmp_path_factory, "gpu", "nvidia-runtimeclass")
+    spec = one(objs, "Deployment")["spec"]["template"]["spec"]
+    assert spec["runtimeClassName"] == "nvidia"
+    assert "runtimeClassName" not in one(rendered("gpu"), "Deployment")["spec"]["template"]["spec"]
+    kv = need_module("kubernetes_validate")
+    for version in K8S_VERSIONS:
+        kv.validate(one(objs, "Deployment"), version, strict=True)
