@@ -110,7 +110,20 @@ def test_kv_usage_is_the_kept_fraction_of_dense(peaked_model, tmp_path):
     assert sparse["free_end"] == sparse["free_start"]
 
 
-def test_no_leak_after_200_mixed_requests_with_aborts_and_preemption(tiny_model, tmp_path):
+LEAK_CONFIGS = {
+    "zipvl": zipvl(tau=0.8),
+    # dense prefill + eviction, one budget for every layer
+    "snapkv": {"kv_sparsity": "snapkv", "kv_sparsity_config": {"min_prompt_len": 0,
+                                                               "budget": 0.3}},
+    # per-layer budgets decided after every layer, compaction at the end of the step
+    "vlcache": {"kv_sparsity": "vlcache", "kv_sparsity_config": {"min_prompt_len": 0,
+                                                                 "budget": 0.3}},
+}
+
+
+@pytest.mark.parametrize("method", list(LEAK_CONFIGS))
+def test_no_leak_after_200_mixed_requests_with_aborts_and_preemption(tiny_model, tmp_path,
+                                                                     method):
     rng = random.Random(0)
     requests = []
     for i in range(200):
@@ -129,7 +142,7 @@ def test_no_leak_after_200_mixed_requests_with_aborts_and_preemption(tiny_model,
     out = stepped({"model": tiny_model, "requests": requests,
                    "engine": {"max_num_seqs": 8, "kv_cache_memory_bytes": 3 << 19,
                               "max_model_len": 1100},
-                   "additional_config": zipvl(tau=0.8)}, tmp_path)
+                   "additional_config": LEAK_CONFIGS[method]}, tmp_path)
     finished, aborted = set(out["outputs"]), set(out["aborted"])
     assert finished | aborted == {r["id"] for r in requests}
     assert out["preempted"], "the cache was meant to be too small for the batch"
@@ -141,7 +154,7 @@ def test_no_leak_after_200_mixed_requests_with_aborts_and_preemption(tiny_model,
 def test_preempted_requests_match_the_same_requests_run_alone(peaked_model, tmp_path, evict):
     """A preempted request is recomputed as one prefill of prompt + outputs so far. With
     eviction its output rows attend over the kept set; without, over every key
-    (sparse_prefill._dense_tail), as decoding did."""
+    (layer_sparsity._dense_tail), as decoding did."""
     requests = [{"id": f"r{i}", "prompt": {"image": {"seed": 30 + i}}, "max_tokens": 48}
                 for i in range(6)]
     config = zipvl(tau=0.9, evict=evict)

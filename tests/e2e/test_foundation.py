@@ -33,13 +33,25 @@ def test_serve_with_plugin_answers_image_chat_and_metrics(tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--kv-sparsity", "bogus"], "invalid choice: 'bogus' (choose from 'none', 'zipvl')"),
+    (["--kv-sparsity", "bogus"], "invalid choice: 'bogus' (choose from 'none', 'zipvl', "
+                                 "'fastv', 'snapkv', 'pyramidkv', 'streamingllm', 'vlcache', "
+                                 "'aircache', 'random')"),
     (["--kv-sparsity", "zipvl", "--kv-sparsity-config", '{"tau": 1.5}'],
-     "tau=1.5 is invalid; valid range is (0, 1]"),
+     "zipvl: tau=1.5 is invalid; valid values are numbers in (0, 1]"),
     (["--kv-sparsity", "zipvl", "--kv-sparsity-config", '{"num_random_probes": -1}'],
-     "num_random_probes=-1 is invalid; valid values are integers >= 0"),
+     "zipvl: num_random_probes=-1 is invalid; valid values are integers >= 0"),
     (["--kv-sparsity", "zipvl", "--kv-sparsity-config", '{"scope": "text"}'],
-     "'text' is invalid; valid values are all, visual"),
+     "zipvl: scope='text' is invalid; valid values are 'all', 'visual'"),
+    (["--kv-sparsity", "zipvl", "--kv-sparsity-config", '{"budget": 0.1}'],
+     "zipvl: budget is not a zipvl parameter (its budget is adaptive: set tau)"),
+    (["--kv-sparsity", "snapkv", "--kv-sparsity-config", '{"budget": 1.5}'],
+     "snapkv: budget=1.5 is invalid; valid values are numbers in (0, 1]"),
+    (["--kv-sparsity", "pyramidkv", "--kv-sparsity-config", '{"tau": 0.9}'],
+     "unknown key 'tau' for pyramidkv; valid keys are budget, window, kernel, pooling, beta, "),
+    (["--kv-sparsity", "vlcache", "--kv-sparsity-config", '{"evict": false}'],
+     "evict=false is invalid for vlcache"),
+    (["--kv-sparsity", "fastv", "--kv-sparsity-config", '{"k": 2, "exempt_layers": [1]}'],
+     "exempt layer 1 is invalid for fastv"),
     (["--kv-sparsity", "zipvl", "--kv-sparsity-config", '{"exempt_layers": [5]}'],
      "exempt layer 5 is out of range; valid layer indices are 0..1"),
     (["--kv-sparsity", "zipvl", "--tensor-parallel-size", "2"],
@@ -53,6 +65,14 @@ def test_bad_flag_values_exit_nonzero_with_one_line(tiny_model, tmp_path, args, 
     last = proc.stderr.strip().splitlines()[-1]
     assert needle in last, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_serve_help_lists_the_methods():
+    proc = subprocess.run([str(BIN / "vllm"), "serve", "--help=vllm-kvsparse"],
+                          capture_output=True, text=True, timeout=300)
+    text = " ".join(proc.stdout.split())
+    assert proc.returncode == 0 and "--kv-sparsity" in text, proc.stderr[-2000:]
+    assert "{none,zipvl,fastv,snapkv,pyramidkv,streamingllm,vlcache,aircache,random}" in text
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +94,8 @@ def test_none_is_stock_vllm_and_config_reaches_workers(tiny_model, tmp_path, sto
 
 
 def test_python_llm_bad_config_fails_at_start(tiny_model, tmp_path):
-    with pytest.raises(RuntimeError, match=r"tau=2 is invalid; valid range is \(0, 1\]"):
+    with pytest.raises(RuntimeError, match=r"zipvl: tau=2 is invalid; valid values are "
+                                           r"numbers in \(0, 1\]"):
         run_offline({"model": tiny_model, "prompts": PROMPTS[:1],
                      "additional_config": {"kv_sparsity": "zipvl",
                                            "kv_sparsity_config": {"tau": 2}}}, tmp_path)

@@ -28,10 +28,9 @@ HEADS, KV_HEADS, HEAD_DIM = 4, 2, 32
 LAYER = "model.language_model.layers.0.self_attn.attn"
 
 
-@pytest.fixture
-def vllm_config(tiny_model, tmp_path, monkeypatch):
-    """A real VllmConfig of the tiny model with zipvl + eviction (built on the CPU platform;
-    the FlashAttention classes only read its generic parts)."""
+def engine_config(model, tmp_path, monkeypatch, method, options):
+    """A real VllmConfig of the tiny model with `method` + eviction (built on the CPU platform;
+    the FlashAttention classes only read its generic parts), and a fresh worker state."""
     from vllm.engine.arg_utils import EngineArgs
 
     from vllm_kvsparse import records
@@ -40,13 +39,17 @@ def vllm_config(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
     monkeypatch.setattr(records, "_RECORDERS", {})
     runtime.bind(runtime.WorkerRuntime())           # a fresh worker-process state per test
-    (tmp_path / "stats").mkdir()
-    options = {"tau": 0.5, "min_prompt_len": 64, "num_recent_probes": 8,
-               "num_random_probes": 8, "record_dir": str(tmp_path / "records")}
-    args = EngineArgs(model=tiny_model, max_model_len=512, block_size=BLOCK,
-                      additional_config={"kv_sparsity": "zipvl",
-                                         "kv_sparsity_config": options})
+    (tmp_path / "stats").mkdir(exist_ok=True)
+    options = {"min_prompt_len": 64, "record_dir": str(tmp_path / "records"), **options}
+    args = EngineArgs(model=model, max_model_len=512, block_size=BLOCK,
+                      additional_config={"kv_sparsity": method, "kv_sparsity_config": options})
     return args.create_engine_config()
+
+
+@pytest.fixture
+def vllm_config(tiny_model, tmp_path, monkeypatch):
+    return engine_config(tiny_model, tmp_path, monkeypatch, "zipvl",
+                         {"tau": 0.5, "num_recent_probes": 8, "num_random_probes": 8})
 
 
 def flash_builder(vllm_config, layer_idx=0):
@@ -388,3 +391,58 @@ def test_metadata_reused_for_another_kv_group_carries_that_groups_block_table(vl
 
 def test_evicting_builders_never_share_metadata_across_groups(vllm_config):
     assert flash_builder(vllm_config).supports_update_block_table is False
+
+
+def test_deferred_method_keeps_kv_whole_until_the_step_ends(tiny_model, tmp_path, monkeypatch):
+    """VL-Cache decides every layer's budget after all layers: each layer's forward attends
+    dense and leaves its cache alone; the worker's end of step compacts every layer as the
+    recorded kept sets say and reports the evictions."""
+    from vllm.config import set_current_vllm_config
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadataBuilder
+
+    from vllm_kvsparse.attention import cuda as glue
+
+    config = engine_config(tiny_model, tmp_path, monkeypatch, "vlcache", {"budget": 0.3})
+    n, num_blocks = 100, 16
+    q, k, v = peaked_prompt(n, seed=4)
+    table = torch.tensor([[3, 9, 1, 12, 5, 7, 0, 15]], dtype=torch.int32)
+    cm = common_metadata([n], [n], table)
+    row = runtime.RequestRow("r", n, ((20, 80),))
+    caches, outputs, rt = [], [], runtime.current()
+    rt.begin_step()
+    for layer_idx in (0, 1):
+        builder = flash_builder(config, layer_idx)
+        md = glue.KVSparseFlashAttentionMetadata.extend(
+            FlashAttentionMetadataBuilder.build(builder, 0, cm), builder._plan(cm, [row]), None)
+        kv_cache = torch.randn(num_blocks, KV_HEADS, BLOCK, 2 * HEAD_DIM)
+        key_cache, value_cache = glue.flash_attn_kv_views(kv_cache, HEAD_DIM)
+        for pos in range(n):
+            key_cache[table[0, pos // BLOCK], pos % BLOCK] = k[pos] * (layer_idx + 1)
+            value_cache[table[0, pos // BLOCK], pos % BLOCK] = v[pos] * (layer_idx + 1)
+        with set_current_vllm_config(config):
+            impl = glue.KVSparseFlashAttentionImpl(HEADS, HEAD_DIM, HEAD_DIM ** -0.5, KV_HEADS,
+                                                   None, None, "auto")
+        # FlashAttention's kernel is CUDA-only: dense attention stands in (it is not under test)
+        monkeypatch.setattr(glue.FlashAttentionImpl, "forward",
+                            lambda self, *a, **kw: a[-1].zero_())
+        before = kv_cache.clone()
+        out = torch.full_like(q, float("nan"))
+        impl.forward(SimpleNamespace(layer_name=LAYER.replace(".0.", f".{layer_idx}.")),
+                     q, k * (layer_idx + 1), v * (layer_idx + 1), kv_cache, md, out)
+        assert torch.equal(kv_cache, before)            # nothing moved before the step ends
+        assert not out.isnan().any()                    # attended (dense) in the layer
+        caches.append((kv_cache, key_cache, value_cache))
+    rec_dir = impl.sparsity.record_dir
+    assert not os.path.isdir(rec_dir) or read_records(rec_dir) == []   # no decision yet
+    rt.end_step()
+    evictions = rt.take_evictions({"r"})
+    records = {r["layer"]: r for r in read_records(impl.sparsity.record_dir)}
+    assert sorted(records) == [0, 1] and all(r["method"] == "vlcache" for r in records.values())
+    for layer_idx, (kv_cache, key_cache, value_cache) in enumerate(caches):
+        kept = torch.tensor(records[layer_idx]["kept"])
+        front, full = evictions["r"][layer_idx]
+        assert full == n // BLOCK and 0 < front < full
+        for j, pos in enumerate(kept[:front * BLOCK].tolist()):
+            block, slot = table[0, j // BLOCK], j % BLOCK
+            assert torch.equal(key_cache[block, slot], k[pos] * (layer_idx + 1))
+            assert torch.equal(value_cache[block, slot], v[pos] * (layer_idx + 1))

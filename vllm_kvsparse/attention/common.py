@@ -8,11 +8,15 @@ builder or impl (cpu.py: vLLM's CPU attention; cuda.py: vLLM's FlashAttention):
                                rows": decode, short prompts), and builds vLLM's metadata for
                                the dense rows alone. With eviction, decode rows of compacted
                                requests get a virtual block table that skips the freed blocks.
-  KVSparseImplMixin.forward    dense rows: vLLM's kernel, as stock. Sparse rows: probe scores
-                               -> p -> important set T (zipvl.py), attention for T over T only,
-                               zeros for the other rows (ZipVL §3.3), one record per layer;
-                               with eviction, then `_compact_rows` (the one device-specific
-                               step) moves each layer's kept K/V to the front of its blocks.
+  KVSparseImplMixin.forward    dense rows: vLLM's kernel, as stock. Sparse rows: the method's
+                               policy decides the kept set T (layer_sparsity.py); methods with a
+                               sparse prefill (zipvl, fastv) attend T over T only, zeros for the
+                               other rows (ZipVL §3.3), the others attend dense; one record per
+                               (request, layer); with eviction, then `_compact_rows` (the one
+                               device-specific step) moves the kept K/V to the front of the
+                               layer's blocks. Methods that decide after every layer (vlcache,
+                               aircache) register the layer with the worker's runtime and
+                               compact at the end of the step.
 
 vLLM writes the step's K/V into the paged cache before `forward` (`do_kv_cache_update`, on both
 backends), so the cache holds every prompt token when forward starts.
@@ -266,6 +270,15 @@ class KVSparseImplMixin:
             output[s:e] = sparsity.attend(sel, query[s:e], key[s:e], value[s:e])
         if plan.block_size is None:
             return output
+        for row, sel in zip(plan.sparse_rows, selections):
+            recomputed = sel is not None and row.end - row.start > sel.num_prompt
+            if recomputed and not sel.sparse_attention:
+                # A recomputed request (preempted): its output tokens decoded over the kept set.
+                # (Deferred methods decide only after every layer: their recomputed output
+                # tokens attend over the whole prompt in this one step.)
+                s, p, e = row.start, row.start + sel.num_prompt, row.end
+                output[p:e] = sparsity.attend_outputs_after_prompt(sel, query[s:e], key[s:e],
+                                                                   value[s:e])
         # After every read of this layer's cache in this step: compact, then report.
         decided = [(row, sel) for row, sel in zip(plan.sparse_rows, selections)
                    if sel is not None]

@@ -117,6 +117,15 @@ class LayerSparsity:
             self._save_tensors(sel, query, key, value, out)
         return out
 
+    def attend_outputs_after_prompt(self, sel: RowSelection, query: torch.Tensor,
+                                    key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Rows [num_prompt, t) of a request recomputed after a preemption, under a method
+        whose prefill is dense: they attend as decoding did before the preemption, over the
+        kept prompt tokens and the output tokens (eviction on)."""
+        n, t = sel.num_prompt, query.shape[0]
+        rows = torch.cat([sel.indices.to(query.device), torch.arange(n, t, device=query.device)])
+        return _sparse_attention(query, key, value, rows, self.scale)[n:]
+
     def _save_tensors(self, sel, query, key, value, out) -> None:
         """Debug: the inputs and output of this layer's sparse prefill, for reference checks."""
         path = os.path.join(self.cfg.record_dir,
