@@ -1,5 +1,5 @@
-"""Scheduler-side KV-cache pieces: one KV-cache group per decoder layer, so each layer can give
-back its own number of blocks.
+"""KV-cache pieces of eviction: one KV-cache group per decoder layer, so each layer can give
+back its own number of blocks, and the model-runner output that tells the scheduler which.
 
 Groups overlay one backing allocation (vLLM's hybrid KV-cache manager), so a block freed by
 layer i can be used by layer j at once; one group per layer costs no extra memory.
@@ -7,10 +7,26 @@ layer i can be used by layer j at once; one group per layer costs no extra memor
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
+from vllm.v1.outputs import ModelRunnerOutput
+
+
+@dataclass
+class KVSparseModelRunnerOutput(ModelRunnerOutput):
+    """vLLM's ModelRunnerOutput plus the step's evicted block ranges, from the worker to the
+    plugin's scheduler: {req_id: {layer_idx: (first_block, last_block)}}."""
+
+    kvsparse_evictions: dict[str, dict[int, tuple[int, int]]] = field(default_factory=dict)
+
+    @classmethod
+    def extend(cls, output: ModelRunnerOutput, evictions) -> "KVSparseModelRunnerOutput":
+        new = object.__new__(cls)
+        new.__dict__.update(vars(output))
+        new.kvsparse_evictions = evictions
+        return new
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,10 +1,11 @@
 """Engine-core side of eviction: frees the blocks the worker reports after each step.
 
-The worker learns each layer's kept count only in the prefill forward, so it attaches
-`kvsparse_evictions = {req_id: {layer: (first_block, last_block)}}` to the ModelRunnerOutput,
+The worker learns each layer's kept count only in the prefill forward, so it returns a
+KVSparseModelRunnerOutput carrying `kvsparse_evictions = {req_id: {layer: (first, last)}}`,
 which reaches the scheduler's update_from_output (this relies on synchronous scheduling: the
-CUDA platform turns async scheduling off, the CPU platform never enables it). vLLM warns that custom schedulers are not a
-public interface: this class only adds a step before the stock update.
+CUDA platform turns async scheduling off, the CPU platform never enables it). vLLM warns that
+custom schedulers are not a public interface: this class only adds a step before the stock
+update.
 """
 
 from __future__ import annotations
@@ -14,16 +15,15 @@ import logging
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from vllm_kvsparse import metrics
-from vllm_kvsparse.kv import KVSparseAttentionSpec
+from vllm_kvsparse.kv import KVSparseAttentionSpec, KVSparseModelRunnerOutput
 
 logger = logging.getLogger("vllm.kvsparse")
 
 
 class KVSparseScheduler(Scheduler):
     def update_from_output(self, scheduler_output, model_runner_output):
-        evictions = getattr(model_runner_output, "kvsparse_evictions", None)
-        if evictions:
-            self._evict(evictions)
+        if isinstance(model_runner_output, KVSparseModelRunnerOutput):
+            self._evict(model_runner_output.kvsparse_evictions)
         return super().update_from_output(scheduler_output, model_runner_output)
 
     def _evict(self, evictions: dict) -> None:

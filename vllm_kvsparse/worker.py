@@ -18,8 +18,11 @@ worker lives in its own module so a GPU process never imports the CPU one
 (tests/unit/test_gpu_imports.py).
 """
 
+from vllm.v1.outputs import ModelRunnerOutput
+
 from vllm_kvsparse import metrics, runtime
 from vllm_kvsparse.config import SparsityConfig
+from vllm_kvsparse.kv import KVSparseAttentionSpec, KVSparseModelRunnerOutput
 
 
 class KVSparseWorkerMixin:
@@ -35,7 +38,6 @@ class KVSparseWorkerMixin:
         from vllm.model_executor.models.utils import extract_layer_index
         from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-        from vllm_kvsparse.kv import KVSparseAttentionSpec
         out = {}
         for name, spec in specs.items():
             if type(spec) is FullAttentionSpec:
@@ -59,9 +61,9 @@ class KVSparseWorkerMixin:
         return self._attach_evictions(super().sample_tokens(grammar_output))
 
     def _attach_evictions(self, output):
-        if output is not None and hasattr(output, "req_ids"):
+        if isinstance(output, ModelRunnerOutput):
             evictions = self.kvsparse.take_evictions(self.model_runner.requests)
             if evictions:
-                output.kvsparse_evictions = evictions
+                output = KVSparseModelRunnerOutput.extend(output, evictions)
             metrics.sink().flush()
         return output

@@ -31,7 +31,7 @@ def blocks_freed_by(record: dict) -> int:
     return full - front // BLOCK
 
 
-@pytest.mark.parametrize("method", METHOD_NAMES)
+@pytest.mark.parametrize("method", METHOD_NAMES)   # zipvl's served metrics: test_metrics.py too
 def test_method_served_frees_the_blocks_its_kept_sets_imply(method, tiny_model, tmp_path):
     rec = tmp_path / "records"
     options = {"min_prompt_len": 0, "record_dir": str(rec),
@@ -41,7 +41,8 @@ def test_method_served_frees_the_blocks_its_kept_sets_imply(method, tiny_model, 
         client = srv.client()
         for seed in (1, 2):
             answer = chat_image(client, make_image(seed=seed), max_tokens=8)
-            assert answer.choices[0].message.content
+            # random weights: the 8 tokens may detokenize to nothing; that they came is the point
+            assert answer.choices[0].finish_reason == "length"
             assert answer.usage.completion_tokens == 8
         time.sleep(1.0)   # let the last step's stats land
         samples = scrape(srv.url)
