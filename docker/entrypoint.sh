@@ -4,7 +4,8 @@
 # execs it (vLLM replaces this shell, so it receives the container's SIGTERM directly).
 #
 #   MODEL              model path or Hugging Face id (each image sets a default)
-#   KVSPARSE_METHOD    none | zipvl (default zipvl). With `none` NO plugin flag is passed, so
+#   KVSPARSE_METHOD    none | zipvl | fastv | snapkv | pyramidkv | streamingllm | vlcache |
+#                      aircache | random (default zipvl). With `none` NO plugin flag is passed, so
 #                      the command is plain `vllm serve` (works even where the plugin's
 #                      platform is inactive and --kv-sparsity would be an unknown flag).
 #   KVSPARSE_CONFIG    JSON object for --kv-sparsity-config (optional; ignored with `none`)
@@ -72,9 +73,11 @@ PORT=${PORT:-8000}
 SERVED=${SERVED_MODEL_NAME:-}
 SHUTDOWN=${SHUTDOWN_TIMEOUT:-}
 
-case "$METHOD" in
-  none|zipvl) ;;
-  *) die "KVSPARSE_METHOD='$METHOD' is invalid; valid values are none, zipvl" ;;
+# The methods of `--kv-sparsity` (vllm_kvsparse.config.METHODS; a test keeps them equal).
+METHODS="none zipvl fastv snapkv pyramidkv streamingllm vlcache aircache random"
+case " $METHODS " in
+  *" $METHOD "*) ;;
+  *) die "KVSPARSE_METHOD='$METHOD' is invalid; valid values are ${METHODS// /, }" ;;
 esac
 case "$PORT" in
   ''|*[!0-9]*) die "PORT='$PORT' is invalid; valid values are integers 1-65535" ;;

@@ -12,7 +12,7 @@ import pytest
 from deploy_helpers import (ENTRYPOINT, ROOT, entrypoint_dry_run, entrypoint_exec, image_env, run,
                             tool)
 
-from vllm_kvsparse.config import SparsityConfig
+from vllm_kvsparse.config import METHODS, SparsityConfig
 
 BASE = ["vllm", "serve", "m", "--host", "0.0.0.0", "--port", "8000"]
 
@@ -89,7 +89,8 @@ def _one_line_error(env: dict[str, str], expected: str) -> None:
 
 def test_invalid_method_is_one_line_error():
     _one_line_error({"MODEL": "m", "KVSPARSE_METHOD": "fast"},
-                    "KVSPARSE_METHOD='fast' is invalid; valid values are none, zipvl")
+                    "KVSPARSE_METHOD='fast' is invalid; valid values are "
+                    + ", ".join(METHODS))
 
 
 def test_missing_model_is_one_line_error():
@@ -300,3 +301,9 @@ def test_every_calling_convention_serves_the_requested_model_in_vllm(vllm_parsed
     for want in ("Qwen/A", "Qwen/B", "Qwen/C", "/models/tiny-qwen2vl"):
         assert parsed[want]["model"] == want, (want, parsed[want])
         assert parsed[want]["kv_sparsity"] == "zipvl"
+
+
+@pytest.mark.parametrize("method", METHODS[1:])
+def test_every_method_of_the_plugin_is_accepted(method):
+    args = argv({"MODEL": "m", "KVSPARSE_METHOD": method})
+    assert args[args.index("--kv-sparsity") + 1] == method
