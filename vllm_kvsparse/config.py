@@ -190,11 +190,6 @@ class SparsityConfig:
 GLUE_KEYS = ("exempt_layers", "min_prompt_len", "evict", "record_dir", "record_tensors")
 
 
-def settable_keys(method: str = "zipvl") -> tuple[str, ...]:
-    """Every key --kv-sparsity-config accepts for `method`."""
-    return POLICIES[method].option_keys() + GLUE_KEYS if method in POLICIES else GLUE_KEYS
-
-
 def parse_config_json(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)

@@ -47,7 +47,7 @@ class DeferredLayer:
 
 
 @dataclass
-class StepState:
+class WorkerStep:
     """What lives from begin_step to end_step."""
 
     policy_states: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # req -> (policy, state)
@@ -63,7 +63,7 @@ class WorkerRuntime:
         self._pending: dict[str, dict[int, tuple[int, int]]] = {}
         self._fallback_counted: set[str] = set()
         self._unknown_rows_warned = False
-        self.step = StepState()
+        self.step = WorkerStep()
 
     # ---- the step's batch -------------------------------------------------------------------
 
@@ -101,7 +101,7 @@ class WorkerRuntime:
     # ---- step boundaries ----------------------------------------------------------------------
 
     def begin_step(self) -> None:
-        self.step = StepState()
+        self.step = WorkerStep()
 
     def policy_state(self, req_id: str, policy, make_prompt: Callable[[], Any]):
         """The request's policy state for this step (policy.begin on the first layer)."""
@@ -116,7 +116,7 @@ class WorkerRuntime:
 
     def end_step(self) -> None:
         """Decide the deferred layers (policy.finish once per request) and compact them."""
-        step, self.step = self.step, StepState()
+        step, self.step = self.step, WorkerStep()
         if not step.deferred:
             return
         decisions: dict[str, dict[int, Any]] = {}

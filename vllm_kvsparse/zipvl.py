@@ -55,6 +55,7 @@ __all__ = [
     "select_important_tokens_varlen",
     "select_from_scores",
     "default_probe_indices",
+    "probe_attention_by_group",
     "probe_attention_matrix",
     "probe_attention_scores",
     "budget_from_accumulated",
@@ -160,23 +161,35 @@ def default_probe_indices(n: int, num_recent: int = 64, num_random: int = 64, se
     return idx.to(device=device) if device is not None else idx
 
 
+def probe_attention_by_group(query: torch.Tensor, key: torch.Tensor, probe_idx: torch.Tensor,
+                             scale: float):
+    """Per-head causal softmax of the probe rows, one KV head's query group at a time.
+
+    query [n, H, d], key [n, Hkv, d]; probe_idx LongTensor [m] (row ``i`` sees keys
+    ``0..probe_idx[i]``). Yields ``(first query head of the group, probs [g, m, n] fp32)``:
+    memory is O(g * m * n) at a time, never [H, m, n]."""
+    n, num_heads, _ = query.shape
+    num_kv_heads = key.shape[1]
+    group = num_heads // num_kv_heads
+    probe_idx = probe_idx.to(query.device).long()
+    q = query[probe_idx].float()                                           # [m, H, d]
+    future = torch.arange(n, device=query.device)[None, :] > probe_idx[:, None]   # [m, n]
+    for kv_head in range(num_kv_heads):
+        qg = q[:, kv_head * group:(kv_head + 1) * group].transpose(0, 1)    # [g, m, d]
+        logits = torch.matmul(qg, key[:, kv_head].float().T) * scale        # [g, m, n]
+        logits.masked_fill_(future, float("-inf"))
+        yield kv_head * group, torch.softmax(logits, dim=-1)
+
+
 def probe_attention_matrix(query: torch.Tensor, key: torch.Tensor, probe_idx: torch.Tensor,
                            scale: float | None = None) -> torch.Tensor:
     """Head-averaged causal attention of the probe rows, ``A [m, n]`` fp32 (row i sees keys
     0..probe_idx[i]). Memory is O(g * m * n) at a time: one KV head's query group per step."""
     n, num_heads, num_kv_heads, head_dim = _check_qk(query, key)
-    probe_idx = probe_idx.to(query.device).long()
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    group = num_heads // num_kv_heads
-    q = query[probe_idx].float()                                    # [m, H, d]
-    future = torch.arange(n, device=query.device)[None, :] > probe_idx[:, None]   # [m, n]
     total = torch.zeros(probe_idx.numel(), n, dtype=torch.float32, device=query.device)
-    for kv_head in range(num_kv_heads):
-        qg = q[:, kv_head * group:(kv_head + 1) * group].transpose(0, 1)   # [g, m, d]
-        k = key[:, kv_head].float()                                          # [n, d]
-        logits = torch.matmul(qg, k.T) * scale                               # [g, m, n]
-        logits.masked_fill_(future, float("-inf"))
-        total += torch.softmax(logits, dim=-1).sum(0)
+    for _, probs in probe_attention_by_group(query, key, probe_idx, scale):
+        total += probs.sum(0)
     return total / num_heads
 
 

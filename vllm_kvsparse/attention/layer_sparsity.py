@@ -35,9 +35,11 @@ class RowSelection:
     front_blocks: int | None = None   # with eviction: blocks [0, F) hold the kept tokens < M
     prompt_blocks: int | None = None  # with eviction: blocks entirely inside the prompt
 
-    @property
-    def keeps_all(self) -> bool:
-        return self.indices.numel() == self.num_prompt
+    def kept_and_outputs(self, t: int, device) -> torch.Tensor:
+        """The rows a recomputed request's output tokens [num_prompt, t) attend over, as its
+        decode did with eviction on: the kept prompt positions, then the output tokens."""
+        return torch.cat([self.indices.to(device),
+                          torch.arange(self.num_prompt, t, device=device)])
 
 
 class LayerSparsity:
@@ -47,11 +49,6 @@ class LayerSparsity:
         self.layer_idx = layer_idx
         self.scale = scale
         self.recorder = recorder(cfg.record_dir)
-
-    @property
-    def deferred(self) -> bool:
-        """The method decides this layer only at the end of the step (after every layer)."""
-        return self.policy.deferred
 
     def decide(self, runtime: WorkerRuntime, row, query: torch.Tensor, key: torch.Tensor,
                block_size: int | None) -> RowSelection | None:
@@ -107,9 +104,8 @@ class LayerSparsity:
         n, t = sel.num_prompt, query.shape[0]
         out = torch.empty_like(query)
         if self.cfg.evicts or t == n:
-            rows = torch.cat([sel.indices.to(query.device),
-                              torch.arange(n, t, device=query.device)])
-            out[:] = _sparse_attention(query, key, value, rows, self.scale)
+            out[:] = _sparse_attention(query, key, value, sel.kept_and_outputs(t, query.device),
+                                       self.scale)
         else:
             out[:n] = _sparse_attention(query[:n], key[:n], value[:n], sel.indices, self.scale)
             out[n:] = _dense_tail(query, key, value, n, self.scale)
@@ -122,9 +118,8 @@ class LayerSparsity:
         """Rows [num_prompt, t) of a request recomputed after a preemption, under a method
         whose prefill is dense: they attend as decoding did before the preemption, over the
         kept prompt tokens and the output tokens (eviction on)."""
-        n, t = sel.num_prompt, query.shape[0]
-        rows = torch.cat([sel.indices.to(query.device), torch.arange(n, t, device=query.device)])
-        return _sparse_attention(query, key, value, rows, self.scale)[n:]
+        rows = sel.kept_and_outputs(query.shape[0], query.device)
+        return _sparse_attention(query, key, value, rows, self.scale)[sel.num_prompt:]
 
     def _save_tensors(self, sel, query, key, value, out) -> None:
         """Debug: the inputs and output of this layer's sparse prefill, for reference checks."""

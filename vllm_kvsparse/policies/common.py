@@ -2,19 +2,20 @@
 causal probe-row attention (torch only, no vLLM).
 
 Memory: nothing here builds an ``[H, n, n]`` matrix. Probe attention is computed for the probe
-rows only, one KV head's query group at a time (``[g, m, n]``, as
-``zipvl.probe_attention_matrix`` does).
+rows only, one KV head's query group at a time (``[g, m, n]``,
+``zipvl.probe_attention_by_group``, the loop ZipVL's own scores use too).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from .. import zipvl
+from ..zipvl import probe_attention_by_group
 from .base import Choice
 
 # floor(b * n) is taken with this tolerance so that e.g. 0.29 * 100 (= 28.999999999999996 in
@@ -91,25 +92,6 @@ def pool1d(scores: torch.Tensor, kernel: int, mode: str) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- attention rows
-
-
-def probe_attention_by_group(query: torch.Tensor, key: torch.Tensor, probe_idx: torch.Tensor,
-                             scale: float) -> Iterator[tuple[int, torch.Tensor]]:
-    """Per-head causal softmax of the probe rows, one KV head's query group at a time.
-
-    query [n, H, d], key [n, Hkv, d]; probe_idx LongTensor [m] (row ``i`` sees keys
-    ``0..probe_idx[i]``). Yields ``(first query head of the group, probs [g, m, n] fp32)``."""
-    n, num_heads, _ = query.shape
-    num_kv_heads = key.shape[1]
-    group = num_heads // num_kv_heads
-    probe_idx = probe_idx.to(query.device).long()
-    q = query[probe_idx].float()                                           # [m, H, d]
-    future = torch.arange(n, device=query.device)[None, :] > probe_idx[:, None]   # [m, n]
-    for kv_head in range(num_kv_heads):
-        qg = q[:, kv_head * group:(kv_head + 1) * group].transpose(0, 1)    # [g, m, d]
-        logits = torch.matmul(qg, key[:, kv_head].float().T) * scale        # [g, m, n]
-        logits.masked_fill_(future, float("-inf"))
-        yield kv_head * group, torch.softmax(logits, dim=-1)
 
 
 def per_head_column_sums(query: torch.Tensor, key: torch.Tensor, probe_idx: torch.Tensor,
