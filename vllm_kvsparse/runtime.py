@@ -13,10 +13,15 @@ worker, so the worker binds its runtime here (`bind`) and the backends reach it 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+
+from vllm_kvsparse import metrics
+
+logger = logging.getLogger("vllm.kvsparse")
 
 
 @dataclass(frozen=True)
@@ -88,12 +93,9 @@ class WorkerRuntime:
         return rows
 
     def _unknown_rows(self, why: str) -> None:
-        import logging
-
-        from vllm_kvsparse import metrics
         if not self._unknown_rows_warned:
             self._unknown_rows_warned = True
-            logging.getLogger("vllm.kvsparse").warning(
+            logger.warning(
                 "vllm-kvsparse: a step ran dense because its requests are unknown (%s)", why)
         metrics.sink().fallback("unsupported")
         return None
@@ -149,8 +151,6 @@ class WorkerRuntime:
 
     def count_fallback_once(self, req_id: str, reason: str) -> None:
         """Every layer group's builder sees the request: count it once."""
-        from vllm_kvsparse import metrics
-
         if req_id not in self._fallback_counted:
             self._fallback_counted.add(req_id)
             metrics.sink().fallback(reason)
