@@ -122,12 +122,13 @@ class VllmServer:
 
 
 def run_offline(spec: dict, workdir: Path, plugins: bool = True, timeout: float = 600,
-                runner: Path = OFFLINE_RUNNER) -> dict:
-    """Run tests/e2e/offline_run.py (a real vLLM engine in a fresh process) on `spec`."""
+                runner: Path = OFFLINE_RUNNER, env: dict[str, str] | None = None) -> dict:
+    """Run tests/e2e/offline_run.py (a real vLLM engine in a fresh process) on `spec`; `env`:
+    extra environment variables for it."""
     workdir.mkdir(parents=True, exist_ok=True)
     spec_path, out_path = workdir / "spec.json", workdir / "out.json"
     spec_path.write_text(json.dumps(spec))
-    env = isolated_env(workdir, plugins)
+    env = isolated_env(workdir, plugins, **(env or {}))
     if spec.get("uni", True):
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     proc = subprocess.run([sys.executable, str(runner), str(spec_path), str(out_path)],

@@ -24,13 +24,17 @@ import threading
 from collections import defaultdict
 
 STATS_DIR_ENV = "VLLM_KVSPARSE_STATS_DIR"
+METHOD_ENV = "VLLM_KVSPARSE_METHOD"
 RATIO_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # 0.05 .. 1.0
 FALLBACK_REASONS = ("short_prompt", "exempt_layer", "unsupported")
 
 
-def ensure_stats_dir() -> str:
+def ensure_stats_dir(method: str) -> str:
     """The stats directory of this server, created once (children inherit the variable) and
-    removed when the process that created it exits."""
+    removed when the process that created it exits. The method name travels the same way: extra
+    API-server processes (`--api-server-count > 1`) get vLLM's engine arguments only, not the
+    plugin's flags, so they learn the `method` label from the environment."""
+    os.environ[METHOD_ENV] = method
     path = os.environ.get(STATS_DIR_ENV)
     if not path:
         path = tempfile.mkdtemp(prefix="vllm-kvsparse-stats-")
@@ -40,10 +44,12 @@ def ensure_stats_dir() -> str:
 
 
 class StatsSink:
-    """Cumulative counters of one process, flushed to its JSON file."""
+    """Cumulative counters of one process, flushed to its JSON file. `engine`: the data-
+    parallel rank of the engine the process serves (the `engine` label, as vLLM's metrics)."""
 
-    def __init__(self, role: str):
+    def __init__(self, role: str, engine: int = 0):
         self.role = role
+        self.engine = engine
         self.counters: dict[str, float] = defaultdict(float)
         self.fallbacks: dict[str, int] = defaultdict(int)
         self.ratio_hist: dict[int, list[int]] = {}      # layer -> cumulative bucket counts
@@ -89,7 +95,8 @@ class StatsSink:
         if not self._dirty or not directory or not os.path.isdir(directory):
             return
         with self._lock:
-            data = {"counters": dict(self.counters), "fallbacks": dict(self.fallbacks),
+            data = {"engine": self.engine,
+                    "counters": dict(self.counters), "fallbacks": dict(self.fallbacks),
                     "ratio_hist": {str(k): v for k, v in self.ratio_hist.items()},
                     "ratio_sum": {str(k): v for k, v in self.ratio_sum.items()},
                     "ratio_count": {str(k): v for k, v in self.ratio_count.items()}}
@@ -104,20 +111,35 @@ class StatsSink:
 _SINKS: dict[str, StatsSink] = {}
 
 
-def sink(role: str = "worker") -> StatsSink:
+def sink(role: str = "worker", engine: int | None = None) -> StatsSink:
     """The process's sink for `role` ("worker": selections; "engine": blocks freed). One file
-    per role and process, so an in-process engine (offline LLM) keeps both apart."""
+    per role and process, so an in-process engine (offline LLM) keeps both apart. The process
+    that owns the role (worker, scheduler) passes its engine's data-parallel rank once."""
     if role not in _SINKS:
         _SINKS[role] = StatsSink(role)
+    if engine is not None:
+        _SINKS[role].engine = engine
     return _SINKS[role]
 
 
-def read_totals(directory: str) -> dict:
-    """Sum every process's file in the stats directory."""
-    total = {"counters": defaultdict(float), "fallbacks": defaultdict(int),
-             "ratio_hist": {}, "ratio_sum": defaultdict(float), "ratio_count": defaultdict(int)}
+def engine_index(vllm_config) -> int:
+    """The data-parallel rank of the engine this process serves (vLLM's `engine` label).
+    vLLM 0.32 keeps it in `data_parallel_index`: independent (non-MoE) DP engines reset
+    `data_parallel_rank` to 0."""
+    pc = vllm_config.parallel_config
+    return int(getattr(pc, "data_parallel_index", None) or pc.data_parallel_rank or 0)
+
+
+def _empty_totals() -> dict:
+    return {"counters": defaultdict(float), "fallbacks": defaultdict(int),
+            "ratio_hist": {}, "ratio_sum": defaultdict(float), "ratio_count": defaultdict(int)}
+
+
+def read_totals(directory: str) -> dict[int, dict]:
+    """Sum every process's file in the stats directory, per engine (data-parallel rank)."""
+    by_engine: dict[int, dict] = {}
     if not directory or not os.path.isdir(directory):
-        return total
+        return by_engine
     for name in sorted(os.listdir(directory)):
         if not name.endswith(".json"):
             continue
@@ -126,6 +148,7 @@ def read_totals(directory: str) -> dict:
                 data = json.load(f)
         except (OSError, ValueError):
             continue  # a file being replaced right now: the next scrape sees it
+        total = by_engine.setdefault(int(data.get("engine", 0)), _empty_totals())
         for k, v in data.get("counters", {}).items():
             total["counters"][k] += v
         for k, v in data.get("fallbacks", {}).items():
@@ -138,11 +161,49 @@ def read_totals(directory: str) -> dict:
             total["ratio_sum"][int(layer)] += v
         for layer, v in data.get("ratio_count", {}).items():
             total["ratio_count"][int(layer)] += v
-    return total
+    return by_engine
+
+
+def metric_families(by_engine: dict[int, dict], labels: dict[str, str]) -> list:
+    """The kvsparse_ metric families (prometheus_client) of totals per engine."""
+    from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+
+    names = list(labels) + ["engine"]
+    counters = [
+        ("kvsparse_prompt_tokens_seen", "Prompt tokens that went through selection, summed "
+         "over sparse layers.", "prompt_tokens_seen"),
+        ("kvsparse_prompt_tokens_kept", "Prompt tokens kept by selection, summed over sparse "
+         "layers.", "prompt_tokens_kept"),
+        ("kvsparse_kv_blocks_freed", "KV-cache blocks returned to vLLM's pool by eviction.",
+         "kv_blocks_freed"),
+        ("kvsparse_attention_flops_saved", "Estimated prefill attention FLOPs not computed.",
+         "attention_flops_saved"),
+        ("kvsparse_probe_seconds", "Seconds spent in probe scoring and selection.",
+         "probe_seconds")]
+    families = [CounterMetricFamily(name, doc, labels=names) for name, doc, _ in counters]
+    fallbacks = CounterMetricFamily(
+        "kvsparse_dense_fallback_requests", "Requests (per layer for exempt_layer) that ran "
+        "dense although sparsity was on.", labels=names + ["reason"])
+    hist = HistogramMetricFamily("kvsparse_kept_ratio", "Per request and layer: kept prompt "
+                                 "tokens / prompt tokens.", labels=names + ["layer"])
+    for engine in sorted(by_engine) or [0]:
+        t = by_engine.get(engine, _empty_totals())
+        values = list(labels.values()) + [str(engine)]
+        for fam, (_, _, key) in zip(families, counters):
+            fam.add_metric(values, t["counters"].get(key, 0.0))
+        for reason in FALLBACK_REASONS:
+            fallbacks.add_metric(values + [reason], t["fallbacks"].get(reason, 0))
+        for layer in sorted(t["ratio_hist"]):
+            counts = t["ratio_hist"][layer]
+            buckets = [(str(b), counts[i]) for i, b in enumerate(RATIO_BUCKETS)]
+            buckets.append(("+Inf", t["ratio_count"][layer]))
+            hist.add_metric(values + [str(layer)], buckets, t["ratio_sum"][layer])
+    return families + [fallbacks, hist]
 
 
 class KVSparseCollector:
-    """prometheus_client collector: the kvsparse_ metrics of this server, read at scrape time."""
+    """prometheus_client collector: the kvsparse_ metrics of this server, read at scrape time
+    (one API-server process: vLLM serves /metrics from prometheus_client's global registry)."""
 
     def __init__(self, directory: str, model_name: str, method: str):
         self.directory = directory
@@ -152,41 +213,61 @@ class KVSparseCollector:
         return []  # no static description: collected at scrape time only
 
     def collect(self):
-        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+        yield from metric_families(read_totals(self.directory), self.labels)
 
-        t = read_totals(self.directory)
-        names, values = list(self.labels), list(self.labels.values())
 
-        def counter(name, doc, value):
-            fam = CounterMetricFamily(name, doc, labels=names)
-            fam.add_metric(values, value)
-            return fam
+class MultiprocessExporter:
+    """Several API-server processes (`--api-server-count > 1`, vLLM's default with
+    `--data-parallel-size > 1`): vLLM then serves /metrics from prometheus_client's
+    multiprocess mode, which reads only the `*.db` files in PROMETHEUS_MULTIPROC_DIR and never
+    calls a registered collector. So one API server (rank 0) writes the totals there, in
+    prometheus_client's own file format, every `period` seconds; the others write nothing (the
+    files of every process are summed)."""
 
-        c = t["counters"]
-        yield counter("kvsparse_prompt_tokens_seen", "Prompt tokens that went through "
-                      "selection, summed over sparse layers.", c.get("prompt_tokens_seen", 0.0))
-        yield counter("kvsparse_prompt_tokens_kept", "Prompt tokens kept by selection, summed "
-                      "over sparse layers.", c.get("prompt_tokens_kept", 0.0))
-        yield counter("kvsparse_kv_blocks_freed", "KV-cache blocks returned to vLLM's pool by "
-                      "eviction.", c.get("kv_blocks_freed", 0.0))
-        yield counter("kvsparse_attention_flops_saved", "Estimated prefill attention FLOPs not "
-                      "computed.", c.get("attention_flops_saved", 0.0))
-        yield counter("kvsparse_probe_seconds", "Seconds spent in probe scoring and "
-                      "selection.", c.get("probe_seconds", 0.0))
-        fallbacks = CounterMetricFamily(
-            "kvsparse_dense_fallback_requests", "Requests (per layer for exempt_layer) that "
-            "ran dense although sparsity was on.", labels=names + ["reason"])
-        for reason in FALLBACK_REASONS:
-            fallbacks.add_metric(values + [reason], t["fallbacks"].get(reason, 0))
-        yield fallbacks
-        hist = HistogramMetricFamily("kvsparse_kept_ratio", "Per request and layer: kept "
-                                     "prompt tokens / prompt tokens.", labels=names + ["layer"])
-        for layer in sorted(t["ratio_hist"]):
-            counts = t["ratio_hist"][layer]
-            buckets = [(str(b), counts[i]) for i, b in enumerate(RATIO_BUCKETS)]
-            buckets.append(("+Inf", t["ratio_count"][layer]))
-            hist.add_metric(values + [str(layer)], buckets, t["ratio_sum"][layer])
-        yield hist
+    def __init__(self, directory: str, multiproc_dir: str, labels: dict[str, str],
+                 period: float = 1.0):
+        self.directory, self.labels, self.period = directory, labels, period
+        self.paths = {kind: os.path.join(multiproc_dir, f"{kind}_kvsparse.db")
+                      for kind in ("counter", "histogram")}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kvsparse-metrics",
+                                        daemon=True)
+
+    def start(self) -> "MultiprocessExporter":
+        self.write()
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            try:
+                self.write()
+            except OSError:   # the directory went away: the server is shutting down
+                return
+
+    def write(self) -> None:
+        from prometheus_client.mmap_dict import MmapedDict, mmap_key
+
+        files = {kind: MmapedDict(path) for kind, path in self.paths.items()}
+        try:
+            for fam in metric_families(read_totals(self.directory), self.labels):
+                kind = "histogram" if fam.type == "histogram" else "counter"
+                previous: dict[tuple, float] = {}   # multiprocess files hold per-bucket counts
+                for sample in fam.samples:
+                    if sample.name.endswith("_count") and kind == "histogram":
+                        continue   # prometheus_client derives _count from the buckets
+                    value = sample.value
+                    if sample.name.endswith("_bucket"):
+                        series = tuple(sorted((k, v) for k, v in sample.labels.items()
+                                              if k != "le"))
+                        value, previous[series] = value - previous.get(series, 0.0), value
+                    labels = dict(sample.labels)
+                    key = mmap_key(fam.name, sample.name, list(labels), list(labels.values()),
+                                   fam.documentation)
+                    files[kind].write_value(key, value, 0.0)
+        finally:
+            for f in files.values():
+                f.close()
 
 
 _registered = False
@@ -198,15 +279,22 @@ def register_collector(vllm_config) -> None:
     from vllm_kvsparse.config import SparsityConfig
 
     cfg = SparsityConfig.from_additional_config(vllm_config.additional_config)
+    method = cfg.method if cfg.enabled else os.environ.get(METHOD_ENV)
     directory = os.environ.get(STATS_DIR_ENV)
-    if _registered or not cfg.enabled or not directory:
+    if _registered or not method or method == "none" or not directory:
         return
     from prometheus_client import REGISTRY
 
     model_name = vllm_config.model_config.served_model_name
     if isinstance(model_name, (list, tuple)):
         model_name = model_name[0]
-    REGISTRY.register(KVSparseCollector(directory, str(model_name), cfg.method))
+    multiproc_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if multiproc_dir:
+        if vllm_config.parallel_config._api_process_rank == 0:
+            MultiprocessExporter(directory, multiproc_dir,
+                                 {"model_name": str(model_name), "method": method}).start()
+    else:
+        REGISTRY.register(KVSparseCollector(directory, str(model_name), method))
     _registered = True
 
 

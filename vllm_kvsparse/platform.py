@@ -91,11 +91,13 @@ def check_supported(vllm_config, cfg: SparsityConfig, worker_cls: str) -> None:
         return
     pc = vllm_config.parallel_config
     problems = []
-    if pc.tensor_parallel_size > 1:
-        problems.append(f"--tensor-parallel-size={pc.tensor_parallel_size} (only 1 is supported)")
     if pc.pipeline_parallel_size > 1:
+        # Each stage would evict its own layers, but vLLM 0.32 hands the scheduler only the
+        # last stage's model-runner output: the other stages' eviction reports would be lost.
         problems.append(
-            f"--pipeline-parallel-size={pc.pipeline_parallel_size} (only 1 is supported)")
+            f"--pipeline-parallel-size={pc.pipeline_parallel_size} (only 1 is supported: vLLM "
+            "0.32 returns only the last pipeline stage's output to the scheduler, so the other "
+            "stages' evicted blocks could not be freed; use --tensor-parallel-size)")
     if vllm_config.speculative_config is not None:
         problems.append("speculative decoding (not supported)")
     if vllm_config.model_config.use_mla:
@@ -122,7 +124,7 @@ def apply(vllm_config, cfg: SparsityConfig, worker_cls: str) -> list[str]:
     if not cfg.enabled:
         return []
     from vllm_kvsparse import metrics
-    metrics.ensure_stats_dir()  # before vLLM spawns the engine core and workers
+    metrics.ensure_stats_dir(cfg.method)  # before vLLM spawns the engine core and workers
     cache, sched = vllm_config.cache_config, vllm_config.scheduler_config
     changed = []
     # Each prompt must be prefilled in one step: selection needs every prompt query and key

@@ -26,6 +26,7 @@ class LayerRecord:
     probe_seconds: float   # time spent scoring probes and selecting
     kept: list[int] | None = None  # the kept positions, only when recording to a directory
     visual_ranges: list[list[int]] | None = None  # image/video placeholder [start, end)s, idem
+    tp_rank: int = 0       # the tensor-parallel rank that chose (every rank chooses the same)
 
     @property
     def kept_ratio(self) -> float:

@@ -60,8 +60,15 @@ class WorkerStep:
 
 
 class WorkerRuntime:
-    def __init__(self, runner=None):
+    """runner: vLLM's model runner. head_shards: with tensor parallelism, how this rank's
+    policies reduce their scores over the TP group (policies.HeadShards), else None.
+    tp_rank: this worker's rank in its TP group; only rank 0 publishes metrics (every rank
+    makes the same decisions, so the others would count them again)."""
+
+    def __init__(self, runner=None, head_shards=None, tp_rank: int = 0):
         self.runner = runner
+        self.head_shards = head_shards
+        self.tp_rank = tp_rank
         # req_id -> {layer_idx: (front_blocks, prompt_blocks)} for compacted layers of live requests
         self._compacted: dict[str, dict[int, tuple[int, int]]] = {}
         # block ranges to report to the scheduler after this step: req_id -> {layer: (first, last)}

@@ -21,6 +21,11 @@ logger = logging.getLogger("vllm.kvsparse")
 
 
 class KVSparseScheduler(Scheduler):
+    def __init__(self, vllm_config, *args, **kwargs):
+        super().__init__(vllm_config, *args, **kwargs)
+        # blocks freed are labelled with this engine's data-parallel rank
+        metrics.sink("engine", engine=metrics.engine_index(vllm_config))
+
     def update_from_output(self, scheduler_output, model_runner_output):
         if isinstance(model_runner_output, KVSparseModelRunnerOutput):
             self._evict(model_runner_output.kvsparse_evictions)

@@ -314,7 +314,8 @@ class KVSparseImplMixin:
 
         def apply(choices) -> None:
             decided = [(row, sparsity.selection(row, choices[row.req_id], block_size, 0.0,
-                                                num_heads, head_dim)) for row in rows]
+                                                num_heads, head_dim, rt.tp_rank))
+                       for row in rows]
             self._compact_and_note(rt, layer, decided, key, value, kv_cache, block_table,
                                    block_size)
 

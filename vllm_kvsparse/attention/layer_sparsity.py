@@ -65,14 +65,16 @@ class LayerSparsity:
         state = runtime.policy_state(row.req_id, self.policy, prompt)
         choice = self.policy.layer(state, LayerInput(
             self.layer_idx, query[:n], key[:n], self.scale,
-            scores_fn=_fused_probe_scores if query.is_cuda else None))
+            scores_fn=_fused_probe_scores if query.is_cuda else None,
+            shards=runtime.head_shards))
         if choice is None:
             return None
         return self.selection(row, choice, block_size, time.perf_counter() - t0,
-                              num_heads=query.shape[1], head_dim=query.shape[2])
+                              num_heads=query.shape[1], head_dim=query.shape[2],
+                              tp_rank=runtime.tp_rank)
 
     def selection(self, row, choice: Choice, block_size: int | None, seconds: float,
-                  num_heads: int, head_dim: int) -> RowSelection:
+                  num_heads: int, head_dim: int, tp_rank: int = 0) -> RowSelection:
         """A policy's Choice for one request as the backend uses it, recorded and counted."""
         n = row.num_prompt
         indices, front_blocks, prompt_blocks = choice.indices, None, None
@@ -87,7 +89,7 @@ class LayerSparsity:
             num_kept=num_kept, probe_seconds=seconds,
             kept=indices.tolist() if self.recorder.wants_indices else None,
             visual_ranges=[list(r) for r in row.visual_ranges] if self.recorder.wants_indices
-            else None)
+            else None, tp_rank=tp_rank)
         self.recorder.add(record)
         sparse_attention = self.policy.sparse_prefill and num_kept < n
         metrics.sink().observe_layer(self.layer_idx, n, num_kept, seconds, num_heads=num_heads,

@@ -10,7 +10,7 @@ Adding a method = one file + one entry below + one row in tests/unit/test_polici
 from __future__ import annotations
 
 from .aircache import AirCache
-from .base import (Choice, LayerInput, Policy, PolicyError, PromptInfo, StepState,
+from .base import (Choice, HeadShards, LayerInput, Policy, PolicyError, PromptInfo, StepState,
                    select_all_layers)
 from .fastv import FastV
 from .pyramidkv import PyramidKV
@@ -36,5 +36,5 @@ def make_policy(name: str, options: dict | None = None) -> Policy:
 
 
 __all__ = ["POLICIES", "METHOD_NAMES", "make_policy", "Policy", "PolicyError", "PromptInfo",
-           "LayerInput", "Choice", "StepState", "select_all_layers", "ZipVL", "FastV", "SnapKV",
+           "LayerInput", "HeadShards", "Choice", "StepState", "select_all_layers", "ZipVL", "FastV", "SnapKV",
            "PyramidKV", "StreamingLLM", "VLCache", "AirCache", "Random"]

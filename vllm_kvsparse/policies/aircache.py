@@ -131,14 +131,14 @@ class AirCache(Policy):
         sub = text_pos.to(device)
         last = torch.tensor([text_pos.numel() - 1], device=device)
         att = head_mean_column_sums(inp.query[sub], inp.key[sub], last, inp.scale,
-                                    inp.scores_fn).cpu()
+                                    inp.scores_fn, inp.shards).cpu()
         elite = text_pos[att >= self.alpha * att.max()]
         # elite rows over visual ∪ elite keys, renormalised, causal by original position
         keys = torch.sort(torch.cat([torch.nonzero(visual).flatten(), elite])).values
         rows = torch.searchsorted(keys, elite)
         sub = keys.to(device)
         acc = head_mean_column_sums(inp.query[sub], inp.key[sub], rows.to(device), inp.scale,
-                                    inp.scores_fn).cpu()
+                                    inp.scores_fn, inp.shards).cpu()
         importance = acc[visual[keys]] / elite.numel()                        # [N_v]
         layers[inp.layer_idx] = (importance.float(), float(importance.double().sum()),
                                  sample_skewness(importance))

@@ -22,8 +22,8 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
-__all__ = ["PolicyError", "PromptInfo", "LayerInput", "Choice", "Policy", "StepState",
-           "select_all_layers"]
+__all__ = ["PolicyError", "PromptInfo", "HeadShards", "LayerInput", "Choice", "Policy",
+           "StepState", "select_all_layers"]
 
 
 class PolicyError(ValueError):
@@ -66,6 +66,31 @@ class PromptInfo:
         return self.visual_mask.cpu()
 
 
+@dataclass(frozen=True)
+class HeadShards:
+    """The query and key heads a policy sees are one of ``size`` equal shards of the layer's
+    heads (tensor parallelism: each rank holds H/size query heads). ``all_reduce_sum`` sums a
+    tensor over the shards and returns the same result on every shard (vLLM's TP all-reduce).
+
+    A policy turns every statistic it takes over heads into the all-heads one with ``mean``
+    (for a mean over this shard's heads), so every shard selects what one device holding all
+    heads would. Every shard must reach the same ``mean`` calls in the same order with the same
+    shapes: the control flow of a policy may depend only on the prompt and on reduced values.
+    """
+
+    size: int
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        """The mean over all heads of ``x``, a mean over this shard's heads (equal shards)."""
+        return self.all_reduce_sum(x.contiguous()) / self.size
+
+
+def shard_mean(shards: "HeadShards | None", x: torch.Tensor) -> torch.Tensor:
+    """``x`` (a mean over the heads given) as the mean over all heads: itself without shards."""
+    return x if shards is None else shards.mean(x)
+
+
 @dataclass
 class LayerInput:
     """What a policy gets for one request in one layer.
@@ -75,6 +100,8 @@ class LayerInput:
     fp32, head-averaged causal-softmax column sums over the probe rows, as
     ``vllm_kvsparse.zipvl.probe_attention_scores`` (the glue passes the fused Triton kernel on
     CUDA). Methods whose scores are such sums use it when given.
+    shards: set when query/key hold one tensor-parallel shard of the heads (``HeadShards``);
+    None when they hold all of them.
     """
 
     layer_idx: int
@@ -82,6 +109,7 @@ class LayerInput:
     key: torch.Tensor
     scale: float
     scores_fn: Callable | None = None
+    shards: HeadShards | None = None
 
 
 @dataclass

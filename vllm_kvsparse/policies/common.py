@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .. import zipvl
 from ..zipvl import probe_attention_by_group
-from .base import Choice
+from .base import Choice, HeadShards, shard_mean
 
 # floor(b * n) is taken with this tolerance so that e.g. 0.29 * 100 (= 28.999999999999996 in
 # binary floating point) counts as 29.
@@ -105,12 +105,29 @@ def per_head_column_sums(query: torch.Tensor, key: torch.Tensor, probe_idx: torc
 
 
 def head_mean_column_sums(query: torch.Tensor, key: torch.Tensor, probe_idx: torch.Tensor,
-                          scale: float, scores_fn: Callable | None = None) -> torch.Tensor:
-    """``a[j] = sum_{i in probes} mean_h A^h[i, j]`` fp32 ``[n]`` (ZipVL's Eq. 6 score).
+                          scale: float, scores_fn: Callable | None = None,
+                          shards: HeadShards | None = None) -> torch.Tensor:
+    """``a[j] = sum_{i in probes} mean_h A^h[i, j]`` fp32 ``[n]`` (ZipVL's Eq. 6 score), the
+    mean taken over all heads of every shard (one all-reduce of ``[n]`` with ``shards``).
 
     Routed through ``scores_fn`` (e.g. the fused Triton kernel) when given, else the torch path
     ``zipvl.probe_attention_scores``."""
     probe_idx = probe_idx.to(query.device).long()
     fn = scores_fn or zipvl.probe_attention_scores
     accumulated, _ = fn(query, key, probe_idx, scale)
-    return accumulated.float()
+    return shard_mean(shards, accumulated.float())
+
+
+def scores_over_all_heads(scores_fn: Callable | None, shards: HeadShards | None) -> Callable:
+    """A ``scores_fn`` (``LayerInput.scores_fn`` contract) whose scores are means over the heads
+    of every shard: the accumulated sums are all-reduced (one ``[n]`` vector) and the
+    visibility-normalised ones recomputed from them (Eq. 8 is linear in them)."""
+    fn = scores_fn or zipvl.probe_attention_scores
+    if shards is None:
+        return fn
+
+    def over_all_heads(query, key, probe_idx, scale):
+        accumulated = shards.mean(fn(query, key, probe_idx, scale)[0].float())
+        return accumulated, zipvl.normalize_by_visibility(accumulated, probe_idx)
+
+    return over_all_heads

@@ -83,7 +83,7 @@ class FastV(Policy):
         if inp.layer_idx == self.k - 1:
             last = torch.tensor([n - 1], device=inp.query.device)
             scores = head_mean_column_sums(inp.query, inp.key, last, inp.scale,
-                                           inp.scores_fn).cpu()
+                                           inp.scores_fn, inp.shards).cpu()
             kept_visual = topk_ascending(scores, self.visual_keep_count(num_visual), visual)
             keep = ~visual
             keep[kept_visual] = True

@@ -41,7 +41,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import Choice, LayerInput, Policy, StepState
+from .base import Choice, LayerInput, Policy, StepState, shard_mean
 from .common import (budget_count, head_mean_column_sums, keep_all, per_head_column_sums,
                      pool1d, protected_priority, topk_ascending)
 
@@ -53,10 +53,11 @@ def window_scores(inp: LayerInput, window: int, kernel: int, pooling: str) -> to
     n = inp.query.shape[0]
     probe = torch.arange(n - window, n, device=inp.query.device)
     if pooling == "avg" or kernel == 1:
-        acc = head_mean_column_sums(inp.query, inp.key, probe, inp.scale, inp.scores_fn)
+        acc = head_mean_column_sums(inp.query, inp.key, probe, inp.scale, inp.scores_fn,
+                                    inp.shards)
         return pool1d(acc[:n - window], kernel, "avg")
     per_head = per_head_column_sums(inp.query, inp.key, probe, inp.scale)[:, :n - window]
-    return pool1d(per_head, kernel, pooling).mean(0)
+    return shard_mean(inp.shards, pool1d(per_head, kernel, pooling).mean(0))
 
 
 def select_with_window(scores: torch.Tensor, n: int, window: int, count: int) -> Choice:

@@ -108,7 +108,12 @@ class VLCache(Policy):
             nnz = big.sum(dim=(1, 2)).double().cpu()                                  # [g]
             sparsity.extend(((den - nnz) / den).tolist())
             score += probs.sum(dim=(0, 1))
-        layers[inp.layer_idx] = (score.cpu(), sum(sparsity) / len(sparsity))
+        gamma = sum(sparsity) / len(sparsity)
+        if inp.shards is not None:   # one all-reduce: s_l and gamma_l over every shard's heads
+            heads = inp.query.shape[1]
+            packed = inp.shards.mean(torch.cat([score / heads, score.new_tensor([gamma])]))
+            score, gamma = packed[:-1] * (heads * inp.shards.size), float(packed[-1])
+        layers[inp.layer_idx] = (score.cpu(), gamma)
         return None
 
     def layer_ratios(self, sparsities: list[float]) -> list[float]:

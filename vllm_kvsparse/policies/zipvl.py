@@ -24,6 +24,7 @@ from typing import ClassVar
 
 from .. import zipvl as _zipvl
 from .base import Choice, LayerInput, Policy, PolicyError, StepState
+from .common import scores_over_all_heads
 
 SCOPES = ("all", "visual")
 
@@ -72,5 +73,5 @@ class ZipVL(Policy):
             inp.query, inp.key, tau=self.tau, num_recent=self.num_recent_probes,
             num_random=self.num_random_probes, keep_first=self.keep_first,
             keep_last=self.keep_last, scale=inp.scale, seed=self.seed,
-            candidate_mask=candidate, scores_fn=inp.scores_fn)
+            candidate_mask=candidate, scores_fn=scores_over_all_heads(inp.scores_fn, inp.shards))
         return Choice(sel.indices.cpu(), sel.normalized.float().cpu(), sel.num_important)

