@@ -26,7 +26,7 @@ whose estimated time exceeds what is left of the budget is recorded as skipped, 
                 28 / 4 heads, bf16, random weights made on the GPU by transformers) prefilling
                 8K, 32K, 128K tokens; dense vs ZipVL plugged in through transformers'
                 AttentionInterface, calling the glue's functions. TTFT at the kept ratio tau
-                gives (random weights: near-uniform attention, so tau keeps nearly all) and at
+                gives (random weights: near-uniform attention, so tau keeps most tokens) and at
                 fixed kept ratios 30 % and 50 % (the paper's regime); Table-4-like (TTFT per
                 length) and Table-E-like (probe overhead, cumulative) tables.
 
@@ -525,6 +525,7 @@ def step_kernel_bench(ctx, rec: Record) -> None:
             dtype=dname, warmup=warmup, iters=iters, timing="median ms",
             shape=dict(heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
                        probes=args.num_probes, block_size=args.block_size))
+
     class Rows(list):     # bench_length appends its rows here: each is recorded at once
         def append(self, row):
             super().append(row)
@@ -865,7 +866,7 @@ def step_model(ctx, rec: Record) -> None:
             timing="TTFT = one forward of the prompt (use_cache=False, logits of the last "
                    "token), device-synchronised wall clock, median of the repeats")
     rec.note("ZipVL(tau) keeps what tau=0.975 gives on random weights, whose attention is near "
-             "uniform, so it keeps nearly every token: not the paper's regime. fixed30/fixed50 "
+             "uniform, so it keeps most tokens: not the paper's regime. fixed30/fixed50 "
              "use ZipVL's probe scores with p = 30 % / 50 % of n (the paper's kept ratios).")
 
     def forward(n, mode):
