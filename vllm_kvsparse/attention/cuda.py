@@ -20,15 +20,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from vllm.v1.attention.backend import AttentionCGSupport
 from vllm.v1.attention.backends.flash_attn import (FlashAttentionBackend, FlashAttentionImpl,
                                                    FlashAttentionMetadata,
                                                    FlashAttentionMetadataBuilder)
 
-from vllm_kvsparse import kernels
 from vllm_kvsparse.attention.common import (KVSparseBuilderMixin, KVSparseImplMixin,
                                             KVSparseMetadataFields, sparsity_from)
+from vllm_kvsparse.attention.flash_cache import compact_in_cache, flash_attn_kv_views
+
+__all__ = ["KVSparseFlashAttentionBackend", "KVSparseFlashAttentionImpl",
+           "KVSparseFlashAttentionMetadata", "KVSparseFlashAttentionMetadataBuilder",
+           "compact_in_cache", "flash_attn_kv_views"]
 
 
 class KVSparseFlashAttentionBackend(FlashAttentionBackend):
@@ -78,25 +81,3 @@ class KVSparseFlashAttentionImpl(KVSparseImplMixin, FlashAttentionImpl):
     def _compact_rows(self, layer, rows, key, value, kv_cache, block_table, block_size) -> None:
         key_cache, value_cache = flash_attn_kv_views(kv_cache, self.head_size)
         compact_in_cache(key_cache, value_cache, block_table, rows, block_size)
-
-
-def flash_attn_kv_views(kv_cache: torch.Tensor, head_size: int):
-    """FlashAttentionImpl's own split of a layer's cache (flash_attn.py, `forward`):
-    logical [num_blocks, num_kv_heads, block_size, 2 * head_size] -> K and V views
-    [num_blocks, block_size, num_kv_heads, head_size] (strided; head_dim contiguous)."""
-    return kv_cache.transpose(1, 2).split(head_size, dim=-1)
-
-
-def compact_in_cache(key_cache: torch.Tensor, value_cache: torch.Tensor,
-                     block_table: torch.Tensor, rows, block_size: int) -> None:
-    """Move each row's kept prompt tokens before M (sel.indices[:F * block_size]) to the first
-    F blocks of its request, in order, inside the paged cache; one kernel call for the step."""
-    moving = [(row, sel) for row, sel in rows if sel.front_blocks < sel.prompt_blocks]
-    if not moving:
-        return
-    device = key_cache.device
-    kept = torch.cat([sel.indices[:sel.front_blocks * block_size] for _, sel in moving])
-    counts = [sel.front_blocks * block_size for _, sel in moving]
-    cu_kept = torch.tensor([0] + counts).cumsum(0).to(device)
-    tables = block_table[torch.tensor([row.row for row, _ in moving], device=block_table.device)]
-    kernels.compact_kv(key_cache, value_cache, tables, kept.to(device), cu_kept)

@@ -1,0 +1,31 @@
+"""The CUDA backend's in-cache compaction (attention/cuda.py), without a vLLM import: cuda.py
+re-exports both functions, and benchmarks/gpu_check.py runs them on a GPU machine that has no
+vLLM."""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_kvsparse import kernels
+
+
+def flash_attn_kv_views(kv_cache: torch.Tensor, head_size: int):
+    """FlashAttentionImpl's own split of a layer's cache (flash_attn.py, `forward`):
+    logical [num_blocks, num_kv_heads, block_size, 2 * head_size] -> K and V views
+    [num_blocks, block_size, num_kv_heads, head_size] (strided; head_dim contiguous)."""
+    return kv_cache.transpose(1, 2).split(head_size, dim=-1)
+
+
+def compact_in_cache(key_cache: torch.Tensor, value_cache: torch.Tensor,
+                     block_table: torch.Tensor, rows, block_size: int) -> None:
+    """Move each row's kept prompt tokens before M (sel.indices[:F * block_size]) to the first
+    F blocks of its request, in order, inside the paged cache; one kernel call for the step."""
+    moving = [(row, sel) for row, sel in rows if sel.front_blocks < sel.prompt_blocks]
+    if not moving:
+        return
+    device = key_cache.device
+    kept = torch.cat([sel.indices[:sel.front_blocks * block_size] for _, sel in moving])
+    counts = [sel.front_blocks * block_size for _, sel in moving]
+    cu_kept = torch.tensor([0] + counts).cumsum(0).to(device)
+    tables = block_table[torch.tensor([row.row for row, _ in moving], device=block_table.device)]
+    kernels.compact_kv(key_cache, value_cache, tables, kept.to(device), cu_kept)
