@@ -296,36 +296,3 @@ def register_collector(vllm_config) -> None:
     else:
         REGISTRY.register(KVSparseCollector(directory, str(model_name), method))
     _registered = True
-
-
-def _make_stat_logger():
-    from vllm.v1.metrics.loggers import StatLoggerBase
-
-    class KVSparseStatLogger(StatLoggerBase):
-        """`vllm.stat_logger_plugins` entry: loaded by the API server's AsyncLLM; registers the
-        collector. vLLM's own Prometheus logger stays in place (this is not a subclass of it)."""
-
-        def __init__(self, vllm_config, engine_index: int = 0):
-            register_collector(vllm_config)
-
-        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
-            pass
-
-        def log_engine_initialized(self) -> None:
-            pass
-
-    KVSparseStatLogger.__qualname__ = "KVSparseStatLogger"   # picklable by reference
-    KVSparseStatLogger.__module__ = __name__
-    return KVSparseStatLogger
-
-
-def __getattr__(name: str):
-    """`KVSparseStatLogger` subclasses vLLM's StatLoggerBase, so it is built on first access
-    (the entry point loads it by attribute). Importing this module, and what imports it (runtime,
-    attention/layer_sparsity.py), therefore does not import vLLM: benchmarks/gpu_check.py runs
-    that code on a GPU machine without vLLM."""
-    if name == "KVSparseStatLogger":
-        cls = _make_stat_logger()
-        globals()[name] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
