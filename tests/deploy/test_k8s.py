@@ -17,7 +17,7 @@ from vllm_kvsparse.config import SparsityConfig
 
 # Oldest and newest Kubernetes minor versions we validate against.
 K8S_VERSIONS = ["1.30.0", "1.37.0"]
-OVERLAYS = ["gpu", "cpu"]
+OVERLAYS = ["gpu", "cpu", "gpu-tp2"]
 
 
 def kustomize(path) -> list[dict]:
@@ -65,7 +65,8 @@ def test_every_object_validates_against_the_kubernetes_schema(overlay, version):
     objs = rendered(overlay)
     kinds = sorted(o["kind"] for o in objs)
     expected = ["ConfigMap", "ConfigMap", "Deployment", "Namespace", "Service"]
-    assert kinds == sorted(expected + (["PersistentVolumeClaim"] if overlay == "gpu" else []))
+    gpu = overlay.startswith("gpu")
+    assert kinds == sorted(expected + (["PersistentVolumeClaim"] if gpu else []))
     for obj in objs:
         try:
             kv.validate(obj, version, strict=True)
@@ -112,7 +113,7 @@ def test_probes_security_and_metrics_scraping(overlay):
         assert c[probe]["httpGet"] == {"path": "/health", "port": "http"}, probe
     # Slow model loading: the startup probe's budget, not an initial delay, covers it.
     budget = c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"]
-    assert budget >= (1200 if overlay == "gpu" else 300)
+    assert budget >= (1200 if overlay.startswith("gpu") else 300)
     psc, csc = pod["spec"]["securityContext"], c["securityContext"]
     assert psc["runAsNonRoot"] is True and psc["runAsUser"] != 0
     assert csc["allowPrivilegeEscalation"] is False and csc["capabilities"]["drop"] == ["ALL"]
@@ -140,6 +141,21 @@ def test_gpu_overlay_requests_one_gpu_and_keeps_the_model_cache():
     assert "persistentVolumeClaim" in vol["model-cache"]
     data = one(objs, "ConfigMap", "vllm-kvsparse-config")["data"]
     assert data["KVSPARSE_METHOD"] == "zipvl"
+
+
+def test_gpu_tp2_overlay_requests_two_gpus_and_passes_tensor_parallel_2():
+    objs = rendered("gpu-tp2")
+    c = container(objs)
+    assert c["image"].endswith(":gpu")
+    assert str(c["resources"]["limits"]["nvidia.com/gpu"]) == "2"
+    assert str(c["resources"]["requests"]["nvidia.com/gpu"]) == "2"
+    vol = {v["name"]: v for v in one(objs, "Deployment")["spec"]["template"]["spec"]["volumes"]}
+    assert vol["dshm"]["emptyDir"]["medium"] == "Memory"   # the patch hit the /dev/shm volume
+    r = entrypoint_dry_run(container_env(objs))
+    assert r.returncode == 0, r.stderr
+    args = r.stdout.split()
+    assert args[args.index("--tensor-parallel-size") + 1] == "2"
+    assert args[args.index("--kv-sparsity") + 1] == "zipvl"
 
 
 def test_cpu_overlay_serves_the_images_tiny_model_with_zipvl_and_no_gpu():

@@ -1,6 +1,7 @@
-"""Tensor parallelism (TP=2) on real vLLM CPU engines: each rank holds half the query and KV
-heads; the methods all-reduce their scores over the TP group (policies.HeadShards), so both
-ranks keep the same tokens and free the same blocks.
+"""Parallelism on real vLLM CPU engines. Tensor parallelism (TP=2): each rank holds half the
+query and KV heads; the methods all-reduce their scores over the TP group (policies.HeadShards),
+so both ranks keep the same tokens and free the same blocks. Data parallelism (DP=2): two
+engines, each with the plugin, metrics from both on /metrics.
 
 Float note (the counted example of the issue): TP=2's row-parallel projections sum two bf16
 partial products where TP=1 computes one, so from layer 1 on the hidden states, and hence the
@@ -10,11 +11,16 @@ boundary. Measured on the tiny model: 1 of 12 (request, layer) sets differed fro
 token swapped for its neighbour. The check below allows at most 2 % of a prompt's tokens per set
 and reports the count; that the reduction itself is exact is tests/unit/test_head_shards.py."""
 
+import json
 import math
 import random
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from helpers import STEPPED_RUNNER, run_offline
+from helpers import STEPPED_RUNNER, VllmServer, chat_image, make_image, run_offline
+from test_methods_served import blocks_freed_by
+from test_metrics import scrape, value
 
 from vllm_kvsparse import eviction
 from vllm_kvsparse.records import read_records
@@ -131,3 +137,42 @@ def test_tp2_frees_blocks_after_prefill_and_leaks_nothing(tiny_model, tmp_path):
     assert finished | aborted == {r["id"] for r in requests} and aborted
     assert out["blocks_freed"] > freed
     assert out["free_end"] == out["free_start"]
+
+
+def test_dp2_serves_with_eviction_and_each_engine_on_metrics(tiny_model, tmp_path):
+    """`--data-parallel-size 2`: two engine cores, each with the plugin's scheduler and worker,
+    behind vLLM's two API servers (its default for DP=2, so /metrics comes from prometheus_client
+    multiprocess mode: metrics.MultiprocessExporter). Both engines serve image requests with
+    eviction, each engine's kvsparse_ metrics carry its `engine` label and equal what its kept
+    sets imply, and no KV block stays in use."""
+    rec = tmp_path / "records"
+    options = {"min_prompt_len": 0, "tau": 0.8, "record_dir": str(rec)}
+    args = ["--kv-sparsity", "zipvl", "--kv-sparsity-config", json.dumps(options),
+            "--data-parallel-size", "2"]
+    with VllmServer(tiny_model, args, tmp_path / "srv", env=TP2_ENV,
+                    startup_timeout=600) as srv:
+        assert "Started 2 API server processes" in srv.log()
+        client = srv.client()
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda s: chat_image(client, make_image(seed=s),
+                                                         max_tokens=8), range(1, 9)))
+        assert all(a.usage.completion_tokens == 8 for a in answers)
+        records = read_records(str(rec))
+        seen = sum(r["num_tokens"] for r in records)
+        deadline = time.time() + 30   # the exporter writes every second
+        while time.time() < deadline:
+            samples = scrape(srv.url)
+            if value(samples, "kvsparse_prompt_tokens_seen_total") == seen:
+                break
+            time.sleep(0.5)
+    assert len(records) == 8 * 2
+    assert value(samples, "kvsparse_prompt_tokens_seen_total") == seen
+    for engine in ("0", "1"):
+        assert value(samples, "vllm:prompt_tokens_total", engine=engine) > 0, "idle engine"
+        assert value(samples, "kvsparse_prompt_tokens_seen_total", engine=engine) > 0
+        assert value(samples, "kvsparse_kv_blocks_freed_total", engine=engine) > 0
+        assert value(samples, "vllm:kv_cache_usage_perc", engine=engine) == 0   # no leak
+    assert value(samples, "kvsparse_kv_blocks_freed_total") == sum(
+        blocks_freed_by(r) for r in records)
+    assert value(samples, "kvsparse_prompt_tokens_kept_total") == sum(
+        r["num_kept"] for r in records)
