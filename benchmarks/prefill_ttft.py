@@ -90,15 +90,15 @@ def worker(spec_path: str, out_path: str) -> None:
     from vllm import LLM, SamplingParams
 
     from vllm_kvsparse.attention import cpu as kv_cpu
-    from vllm_kvsparse.attention import sparse_prefill
+    from vllm_kvsparse.attention.layer_sparsity import LayerSparsity
     from vllm_kvsparse.records import read_records
 
     if spec.get("sdpa_4d"):
         patch_sdpa_4d()
     timers = Timers()
     timers.wrap(kv_cpu.KVSparseCPUAttentionImpl, "forward", "attn_layer")
-    timers.wrap(sparse_prefill.SparsePrefill, "select", "select")
-    timers.wrap(sparse_prefill.SparsePrefill, "attend", "sparse_attend")
+    timers.wrap(LayerSparsity, "decide", "select")
+    timers.wrap(LayerSparsity, "attend", "sparse_attend")
     timers.wrap(kv_cpu.KVSparseCPUAttentionImpl, "_compact_rows", "compact")
 
     t0 = time.perf_counter()
@@ -236,6 +236,7 @@ def main(argv=None) -> int:
                 report["runs"].append(run)
     report["wall_seconds"] = time.perf_counter() - t_start
     summarize(report, head_dims, lengths, modes)
+    print(common.cpu_line(report["meta"]["machine"]))
     print(render(report))
     if args.out:
         common.write_json(Path(args.out), report)
