@@ -72,7 +72,7 @@ def test_all_kept_is_bit_identical_to_dense_kernel_call():
     assert torch.equal(dense, sparse)
 
 
-def test_layer_sparsity_attend_uses_the_given_kernel():
+def test_layer_sparsity_attend_uses_the_given_kernel(monkeypatch):
     """LayerSparsity.attend runs the backend's kernel, not the torch reference."""
     from vllm_kvsparse.attention import cpu as kv_cpu
     from vllm_kvsparse.attention.layer_sparsity import LayerSparsity, RowSelection
@@ -82,6 +82,7 @@ def test_layer_sparsity_attend_uses_the_given_kernel():
         isa = cpu_kernel.default_spec(torch.bfloat16, 64).isa
         _k_scale_float = _v_scale_float = 1.0
 
+    monkeypatch.setenv(cpu_kernel.KERNEL_ENV, "vllm")
     impl = object.__new__(kv_cpu.KVSparseCPUAttentionImpl)
     impl.kv_cache_dtype = "auto"
     kv_cache = torch.empty(4, 4, 32, 128, dtype=torch.bfloat16)
@@ -102,3 +103,18 @@ def test_layer_sparsity_attend_uses_the_given_kernel():
     assert cpu_kernel.CALLS["cpu_attention_with_kv_cache"] == before + 1
     ref = zipvl.sparse_prefill_attention_reference(q.float(), k.float(), v.float(), idx, 0.125)
     assert_bf16_close(out, ref, v)
+
+
+def test_kernel_choice(monkeypatch):
+    monkeypatch.delenv(cpu_kernel.KERNEL_ENV, raising=False)
+    assert cpu_kernel.choose_kernel("amx") == "vllm"
+    avx2_only = not torch.cpu._is_avx512_supported() and not torch.cpu._is_amx_tile_supported()
+    assert cpu_kernel.choose_kernel("vec") == ("torch" if avx2_only else "vllm")
+    assert cpu_kernel.choose_kernel("vec", "fp8") == "vllm"
+    monkeypatch.setenv(cpu_kernel.KERNEL_ENV, "vllm")
+    assert cpu_kernel.choose_kernel("vec") == "vllm"
+    monkeypatch.setenv(cpu_kernel.KERNEL_ENV, "torch")
+    assert cpu_kernel.choose_kernel("amx") == "torch"
+    monkeypatch.setenv(cpu_kernel.KERNEL_ENV, "bogus")
+    with pytest.raises(ValueError, match="valid values"):
+        cpu_kernel.choose_kernel("amx")

@@ -29,6 +29,28 @@ from vllm import _custom_ops as ops
 
 CALLS = {"cpu_attention_with_kv_cache": 0}
 
+# Which sparse-attention kernel the CPU backend runs. "auto": vLLM's kernel, except on a CPU
+# with neither AMX nor AVX-512 (vLLM's "vec" kernel on AVX2), where torch's fp32 flash SDPA
+# was measured faster per FLOP (benchmarks/selection_cost.py, AMD EPYC AVX2: sparse torch /
+# (kept-FLOP fraction x dense vLLM) 0.65 vs 0.85 for vLLM's kernel at 8K) and the fp8 caches
+# that need vLLM's kernel are refused by vLLM anyway. The environment variable forces a choice
+# (benchmarks' what-if runs).
+KERNEL_ENV = "VLLM_KVSPARSE_CPU_SPARSE_KERNEL"
+
+
+def choose_kernel(isa: str, kv_cache_dtype: str = "auto") -> str:
+    """"vllm" or "torch" for the layer's ISA (see above)."""
+    import os
+
+    forced = os.environ.get(KERNEL_ENV, "auto")
+    if forced in ("vllm", "torch"):
+        return forced
+    if forced != "auto":
+        raise ValueError(f"{KERNEL_ENV}={forced!r}: valid values are auto, vllm, torch")
+    avx2_only = isa == "vec" and not torch.cpu._is_avx512_supported() \
+        and not torch.cpu._is_amx_tile_supported()
+    return "torch" if avx2_only and kv_cache_dtype == "auto" else "vllm"
+
 
 @dataclass(frozen=True)
 class CPUKernelSpec:

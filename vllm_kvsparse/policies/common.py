@@ -2,8 +2,9 @@
 causal probe-row attention (torch only, no vLLM).
 
 Memory: nothing here builds an ``[H, n, n]`` matrix. Probe attention is computed for the probe
-rows only, one KV head's query group at a time (``[g, m, n]``,
-``zipvl.probe_attention_by_group``, the loop ZipVL's own scores use too).
+rows only: column sums in chunks of probe rows over all heads (``zipvl.probe_column_sums``,
+what ZipVL's own scores use), or one KV head's query group at a time where a method needs the
+probabilities themselves (``[g, m, n]``, ``zipvl.probe_attention_by_group``).
 """
 
 from __future__ import annotations
