@@ -201,15 +201,50 @@ def versions() -> dict:
     return out
 
 
+# The x86 attention ISA tiers that decide vLLM's CPU kernel speed (best first): AMX tiles with
+# bf16 (vLLM's "amx" kernel), AVX-512 with bf16 dot products, plain AVX-512, AVX2.
+_ISA_TIERS = (("AMX-bf16", ("amx_bf16", "amx_tile")), ("AVX-512 bf16", ("avx512_bf16",)),
+              ("AVX-512", ("avx512f",)), ("AVX2", ("avx2",)))
+
+
+def cpu_isa(flags: set[str]) -> str:
+    """The best of AMX-bf16 / AVX-512 bf16 / AVX-512 / AVX2 that the CPU flags show."""
+    for name, need in _ISA_TIERS:
+        if all(f in flags for f in need):
+            return name
+    return "other"
+
+
+def cpu_kind() -> dict:
+    """CPU model, ISA tier and the flags that matter, from /proc/cpuinfo (first CPU)."""
+    model, flags = None, set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name") and model is None:
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+            if model is not None and flags:
+                break
+    except OSError:
+        pass
+    wanted = ("amx_bf16", "amx_tile", "amx_int8", "avx512_bf16", "avx512f", "avx512_vnni",
+              "avx2", "fma", "f16c")
+    return {"cpu_model": model, "cpu_isa": cpu_isa(flags),
+            "cpu_flags": [f for f in wanted if f in flags]}
+
+
+def cpu_line(machine_info: dict) -> str:
+    return (f"CPU: {machine_info.get('cpu_model')} x {machine_info.get('cpu_count')}, "
+            f"ISA {machine_info.get('cpu_isa')} (flags: "
+            f"{' '.join(machine_info.get('cpu_flags') or []) or '-'})")
+
+
 def machine() -> dict:
     info = {"platform": platform.platform(), "machine": platform.machine(),
             "processor": platform.processor(), "cpu_count": os.cpu_count(),
-            "gpu": "none (CPU only)"}
+            "gpu": "none (CPU only)", **cpu_kind()}
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-                break
         for line in open("/proc/meminfo"):
             if line.startswith("MemTotal"):
                 info["mem_total_gib"] = round(int(line.split()[1]) / 2**20, 1)

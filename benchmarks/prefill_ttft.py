@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-TARGETS = {"long": (16384, 0.75), "short": (2048, 1.03)}   # zipvl/dense TTFT at tau 0.975
+TARGETS = {"2K": (2048, 1.03), "8K": (8192, 0.60), "16K": (16384, 0.45)}   # issue 13, zipvl/dense TTFT at tau 0.975
 
 
 # ============================================================================ worker
@@ -58,47 +59,20 @@ class Timers:
         setattr(cls, name, timed)
 
 
-def patch_sdpa_4d() -> None:
-    """What-if, NOT the shipped plugin: the same gather -> causal SDPA -> scatter as
-    zipvl.sparse_prefill_attention_reference, but with 4-D [1, h, t, d] inputs. On CPU, torch
-    only takes its fused flash kernel for 4-D inputs; the shipped 3-D call falls back to the
-    math path, which materializes [h, t, t] fp32 scores (see docs/benchmarks.md)."""
-    import math
-
-    import torch
-
-    from vllm_kvsparse import zipvl
-
-    def sparse_attention_4d(query, key, value, indices, scale=None):
-        n, num_heads, head_dim = query.shape
-        scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-        out = torch.zeros(n, num_heads, value.shape[2], dtype=query.dtype, device=query.device)
-        indices = indices.to(query.device).long()
-        if indices.numel() == 0:
-            return out
-        q, k, v = (x[indices].float().transpose(0, 1).unsqueeze(0)
-                   for x in (query, key, value))
-        attn = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=scale, enable_gqa=num_heads != key.shape[1])
-        out[indices] = attn[0].transpose(0, 1).to(query.dtype)
-        return out
-    zipvl.sparse_prefill_attention_reference = sparse_attention_4d
-
-
 def worker(spec_path: str, out_path: str) -> None:
     spec = json.load(open(spec_path))
     from vllm import LLM, SamplingParams
 
     from vllm_kvsparse.attention import cpu as kv_cpu
-    from vllm_kvsparse.attention import sparse_prefill
+    from vllm_kvsparse.attention.layer_sparsity import LayerSparsity
     from vllm_kvsparse.records import read_records
 
-    if spec.get("sdpa_4d"):
-        patch_sdpa_4d()
+    if spec.get("sparse_kernel"):     # what-if: force the CPU sparse-attention kernel
+        os.environ["VLLM_KVSPARSE_CPU_SPARSE_KERNEL"] = spec["sparse_kernel"]
     timers = Timers()
     timers.wrap(kv_cpu.KVSparseCPUAttentionImpl, "forward", "attn_layer")
-    timers.wrap(sparse_prefill.SparsePrefill, "select", "select")
-    timers.wrap(sparse_prefill.SparsePrefill, "attend", "sparse_attend")
+    timers.wrap(LayerSparsity, "decide", "select")
+    timers.wrap(LayerSparsity, "attend", "sparse_attend")
     timers.wrap(kv_cpu.KVSparseCPUAttentionImpl, "_compact_rows", "compact")
 
     t0 = time.perf_counter()
@@ -154,9 +128,9 @@ def parse_args(argv):
     ap.add_argument("--hidden-size", type=int, default=1024)
     ap.add_argument("--num-kv-heads", type=int, default=4)
     ap.add_argument("--images", type=int, default=2, help="448x448 images per prompt")
-    ap.add_argument("--what-if-sdpa-4d", action="store_true",
-                    help="also run zipvl with its sparse attention patched to 4-D SDPA inputs "
-                         "(what-if, not the shipped code)")
+    ap.add_argument("--what-if-kernel", choices=("vllm", "torch"), default=None,
+                    help="also run zipvl with the CPU sparse-attention kernel forced to vLLM's "
+                         "kernel or the fp32 torch SDPA reference (side by side in one run)")
     ap.add_argument("--warmup-tokens", type=int, default=None,
                     help="length of the one warm-up request per engine (default: first length)")
     ap.add_argument("--repeats", type=int, default=2, help="timed requests per length/engine")
@@ -180,8 +154,8 @@ def main(argv=None) -> int:
     head_dims = [int(x) for x in args.head_dims.split(",")]
     taus = [float(x) for x in args.taus.split(",")]
     modes = [("dense", None)] + [("zipvl", t) for t in taus]
-    if args.what_if_sdpa_4d:
-        modes += [("zipvl-sdpa4d", t) for t in taus]
+    if args.what_if_kernel:
+        modes += [(f"zipvl-{args.what_if_kernel}", t) for t in taus]
     work = Path(args.work_dir)
     max_len = max(lengths) + 256
     report = {"meta": common.meta(["benchmarks/prefill_ttft.py", *argv]),
@@ -215,7 +189,8 @@ def main(argv=None) -> int:
                          "num_images": args.images, "seed_base": 1_000_000 * (rnd + 1),
                          "additional_config": common.additional_config(
                              "dense" if mode == "dense" else "zipvl", tau, rec),
-                         "record_dir": rec, "sdpa_4d": mode == "zipvl-sdpa4d"}
+                         "record_dir": rec,
+                         "sparse_kernel": mode.split("-", 1)[1] if "-" in mode else None}
                 print(f"[{time.perf_counter() - t_start:6.0f}s] head_dim {hd} round {rnd} "
                       f"{name} ...", flush=True)
                 run = {"head_dim": hd, "mode": mode, "tau": tau, "round": rnd, "rows": []}
@@ -236,6 +211,7 @@ def main(argv=None) -> int:
                 report["runs"].append(run)
     report["wall_seconds"] = time.perf_counter() - t_start
     summarize(report, head_dims, lengths, modes)
+    print(common.cpu_line(report["meta"]["machine"]))
     print(render(report))
     if args.out:
         common.write_json(Path(args.out), report)
@@ -301,7 +277,8 @@ def render(report) -> str:
     for s in report["summary"]:
         tgt = s.get("target")
         label = {"dense": "dense", "zipvl": f"zipvl tau={s['tau']}",
-                 "zipvl-sdpa4d": f"what-if: zipvl tau={s['tau']} + 4-D SDPA"}[s["mode"]]
+                 "zipvl-vllm": f"what-if: zipvl tau={s['tau']}, vLLM kernel",
+                 "zipvl-torch": f"what-if: zipvl tau={s['tau']}, torch SDPA"}[s["mode"]]
         if s["errors"] and not s["n"]:
             label += " (FAILED: " + s["errors"][0][:40] + ")"
         rows.append([s["head_dim"], s["prompt_tokens"] or s["target_tokens"], label,

@@ -56,6 +56,7 @@ __all__ = [
     "select_from_scores",
     "default_probe_indices",
     "probe_attention_by_group",
+    "probe_column_sums",
     "probe_attention_matrix",
     "probe_attention_scores",
     "budget_from_accumulated",
@@ -181,6 +182,46 @@ def probe_attention_by_group(query: torch.Tensor, key: torch.Tensor, probe_idx: 
         yield kv_head * group, torch.softmax(logits, dim=-1)
 
 
+def probe_column_sums(query: torch.Tensor, key: torch.Tensor, probe_idx: torch.Tensor,
+                      scale: float, per_head: bool = False, chunk: int = 32) -> torch.Tensor:
+    """Column sums of the probe rows' causal softmax: ``s[j] = sum_h sum_{i in P} A^h[i, j]``
+    fp32 ``[n]`` (summed, not averaged, over heads), or per head ``[H, n]`` with ``per_head``.
+
+    The fast path of `probe_attention_by_group` (same math, fp32 logits from the bf16/fp16/fp32
+    inputs): the scale is folded into the ``m`` probe queries, keys are converted once, and the
+    probe rows (ascending) go in chunks of ``chunk`` rows for every head at once, so one chunk's
+    logits ``[Hkv, chunk * g, w]`` stay small (no ``[g, m, n]`` or ``[H, m, n]`` matrix). A
+    chunk only computes keys ``0..w-1`` (``w`` = its last probe + 1: later keys are masked for
+    every row of it) and masks only columns after its first probe."""
+    n, num_heads, head_dim = query.shape
+    num_kv_heads = key.shape[1]
+    group = num_heads // num_kv_heads
+    probes = torch.sort(probe_idx.to(query.device).long()).values
+    m = probes.numel()
+    q = (query[probes].float() * scale).view(m, num_kv_heads, group, head_dim)
+    q = q.transpose(0, 1).contiguous()                                  # [Hkv, m, g, d]
+    k_t = key.float().permute(1, 2, 0).contiguous()                    # [Hkv, d, n]
+    out = torch.zeros((num_kv_heads, group, n) if per_head else (n,), dtype=torch.float32,
+                      device=query.device)
+    pos = torch.arange(n, device=query.device)
+    bounds = probes.tolist()
+    for r0 in range(0, m, chunk):
+        rows = probes[r0:r0 + chunk]
+        r = rows.numel()
+        first, width = bounds[r0] + 1, bounds[r0 + r - 1] + 1
+        logits = torch.bmm(q[:, r0:r0 + r].reshape(num_kv_heads, r * group, head_dim),
+                           k_t[:, :, :width]).view(num_kv_heads, r, group, width)
+        if first < width:
+            future = pos[None, first:width] > rows[:, None]             # [r, w - first]
+            logits[..., first:width].masked_fill_(future[:, None, :], float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if per_head:
+            out[:, :, :width] += probs.sum(1)
+        else:
+            out[:width] += probs.sum((0, 1, 2))
+    return out.view(num_heads, n) if per_head else out
+
+
 def probe_attention_matrix(query: torch.Tensor, key: torch.Tensor, probe_idx: torch.Tensor,
                            scale: float | None = None) -> torch.Tensor:
     """Head-averaged causal attention of the probe rows, ``A [m, n]`` fp32 (row i sees keys
@@ -195,9 +236,12 @@ def probe_attention_matrix(query: torch.Tensor, key: torch.Tensor, probe_idx: to
 
 def probe_attention_scores(query: torch.Tensor, key: torch.Tensor, probe_idx: torch.Tensor,
                            scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 6 and Eq. 8 from the probe rows: ``(accumulated [n], normalized [n])``, fp32."""
-    attn = probe_attention_matrix(query, key, probe_idx, scale)
-    accumulated = attn.sum(0)
+    """Eq. 6 and Eq. 8 from the probe rows: ``(accumulated [n], normalized [n])``, fp32
+    (`probe_column_sums` / H: same values as ``probe_attention_matrix(...).sum(0)`` up to fp32
+    summation order)."""
+    n, num_heads, _, head_dim = _check_qk(query, key)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    accumulated = probe_column_sums(query, key, probe_idx, scale) / num_heads
     return accumulated, normalize_by_visibility(accumulated, probe_idx)
 
 
@@ -229,9 +273,20 @@ def budget_from_accumulated(accumulated: torch.Tensor, tau: float,
     if tau == 1.0:
         return nonzero
     total = float(scores.sum()) if total_mass is None else float(total_mass)
-    running = torch.cumsum(torch.sort(scores, descending=True).values, 0)
-    reached = torch.nonzero(running >= tau * total)
-    return nonzero if reached.numel() == 0 else min(int(reached[0]) + 1, nonzero)
+    # Partial selection: the k largest values in descending order (torch.topk) are the first k
+    # of the full descending sort (ties are equal values, so their order cannot change a
+    # running sum), so the cumsum over them decides p exactly when it reaches the threshold
+    # within k; k doubles until it does (or covers every non-zero score).
+    n = scores.numel()
+    k = min(n, max(1024, nonzero // 4))
+    while True:
+        running = torch.cumsum(torch.topk(scores, k, sorted=True).values, 0)
+        reached = torch.nonzero(running >= tau * total)
+        if reached.numel():
+            return min(int(reached[0]) + 1, nonzero)
+        if k >= nonzero:      # every non-zero score summed: the threshold is out of reach
+            return nonzero
+        k = min(n, 2 * k)
 
 
 def top_p_by_normalized(normalized: torch.Tensor, p: int) -> torch.Tensor:
@@ -239,8 +294,20 @@ def top_p_by_normalized(normalized: torch.Tensor, p: int) -> torch.Tensor:
     returned ascending (LongTensor [p])."""
     if p < 0:
         raise ValueError(f"p must be >= 0, got {p}")
-    order = torch.sort(normalized, descending=True, stable=True).indices   # stable: lower j first
-    return torch.sort(order[:p]).values
+    n = normalized.numel()
+    if p == 0:
+        return torch.zeros(0, dtype=torch.long, device=normalized.device)
+    if p >= n:
+        return torch.arange(n, device=normalized.device)
+    # Partial selection, identical to a stable descending sort's first p: the p-th largest
+    # value v (a selection, O(n)); every position above v, then the lowest-index positions
+    # equal to v until there are p.
+    v = torch.kthvalue(normalized, n - p + 1).values
+    above = normalized > v
+    tied = torch.nonzero(normalized == v).flatten()
+    keep = above.clone()
+    keep[tied[:p - int(above.sum())]] = True
+    return torch.nonzero(keep).flatten()
 
 
 def select_from_scores(accumulated: torch.Tensor, normalized: torch.Tensor, num_probes: int, *,

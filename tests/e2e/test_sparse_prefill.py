@@ -83,15 +83,35 @@ def reference_sparse_attention(q, k, v, kept, scale):
     return out
 
 
-def test_prefill_output_equals_fp32_reference_on_kept_set(peaked_model, tmp_path):
+def expected_cpu_kernel(forced: str | None) -> str:
+    """The sparse kernel the CPU backend must report (attention/cpu_kernel.choose_kernel)."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    isa = _get_attn_isa(torch.bfloat16, 32, 64, "auto")
+    avx2_only = not torch.cpu._is_avx512_supported() and not torch.cpu._is_amx_tile_supported()
+    use_torch = forced == "torch" or (forced is None and isa == "vec" and avx2_only)
+    return "torch-reference" if use_torch else f"vllm-cpu-attn:{isa}"
+
+
+# forced=None: the kernel the CPU picks; "vllm": vLLM's own kernel whatever the CPU.
+@pytest.mark.parametrize("forced", [None, "vllm"])
+def test_prefill_output_equals_fp32_reference_on_kept_set(peaked_model, tmp_path, forced):
+    """Tolerance (bf16 model and cache): the inputs are bf16 (exact in fp32); vLLM's kernel
+    keeps fp32 logits and softmax but rounds the weights to bf16 before P.V and writes a bf16
+    output, each a relative error of at most u = 2**-9 (of |o| and of max|v|); the torch path
+    rounds only the output. 2e-2 absolute and relative is 4u times the tiny model's max|v|
+    (~2.5) with margin."""
     rec = tmp_path / "records"
+    env = {"VLLM_KVSPARSE_CPU_SPARSE_KERNEL": forced} if forced else None
     run_offline({"model": peaked_model, "prompts": PROMPTS[:3], "max_tokens": 2,
                  "additional_config": zipvl_config(tau=0.9, record_dir=str(rec), evict=False,
-                                                   record_tensors=True)}, tmp_path)
+                                                   record_tensors=True)}, tmp_path, env=env)
     files = sorted(rec.glob("tensors-*.pt"))
     assert len(files) >= 3 * 4 - 1   # every (request, layer) that dropped something
+    kernel = expected_cpu_kernel(forced)
     for path in files:
         t = torch.load(path)
+        assert t["kernel"] == kernel      # the kernel claimed really ran (no silent fallback)
         kept, n = t["kept"], t["query"].shape[0]
         assert kept.numel() < n
         ref = reference_sparse_attention(t["query"], t["key"], t["value"], kept, t["scale"])

@@ -309,3 +309,52 @@ def test_sparse_prefill_dtype_and_edges():
 def test_module_has_no_vllm_import():
     import inspect
     assert "import vllm" not in inspect.getsource(zipvl).replace("import vllm_kvsparse", "")
+
+
+# ----------------------------------------------------------------------------- fast paths == full sort
+
+def full_sort_budget(acc, tau, total):
+    """Eq. 7 by a full descending sort (the implementation before partial selection)."""
+    scores = acc.double()
+    nonzero = int((scores > 0).sum())
+    if tau == 1.0:
+        return nonzero
+    running = torch.cumsum(torch.sort(scores, descending=True).values, 0)
+    reached = torch.nonzero(running >= tau * total)
+    return nonzero if reached.numel() == 0 else min(int(reached[0]) + 1, nonzero)
+
+
+def full_sort_top_p(norm, p):
+    order = torch.sort(norm, descending=True, stable=True).indices
+    return torch.sort(order[:p]).values
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_partial_selection_equals_full_sort(seed):
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 6000, (1,), generator=g))
+    kind = seed % 4
+    x = torch.rand(n, generator=g)
+    if kind == 1:      # heavy ties: few distinct values, zeros included
+        x = torch.randint(0, 5, (n,), generator=g).float() / 4
+    elif kind == 2:    # peaked: a few tokens hold most of the mass
+        x = torch.exp(torch.randn(n, generator=g) * 4)
+    elif kind == 3:    # mostly zeros
+        x = x * (torch.rand(n, generator=g) < 0.1)
+    total = float(x.double().sum()) * float(torch.rand(1, generator=g) + 0.5)
+    for tau in (0.3, 0.9, 0.975, 0.999, 1.0):
+        assert budget_from_accumulated(x, tau, total) == full_sort_budget(x, tau, total)
+    for p in sorted({0, 1, n // 3, n // 2, n - 1, n, n + 5}):
+        assert torch.equal(top_p_by_normalized(x, p), full_sort_top_p(x, min(p, n))), p
+
+
+@pytest.mark.parametrize("n,heads,kv_heads,dtype", [
+    (3000, 16, 4, torch.bfloat16), (700, 28, 4, torch.float32), (5, 2, 1, torch.float16)])
+def test_chunked_probe_sums_equal_group_matrix(n, heads, kv_heads, dtype):
+    q, k = rand_qk(n, heads, kv_heads, 64, 13, dtype=dtype, peak=3.0)
+    probes = default_probe_indices(n, 64, 64, seed=2)
+    ref = zipvl.probe_attention_matrix(q, k, probes, 0.125).sum(0)
+    fast, _ = zipvl.probe_attention_scores(q, k, probes, 0.125)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-7)
+    per_head = zipvl.probe_column_sums(q, k, probes, 0.125, per_head=True)
+    torch.testing.assert_close(per_head.sum(0) / heads, ref, rtol=1e-5, atol=1e-7)

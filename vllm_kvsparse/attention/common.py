@@ -265,9 +265,10 @@ class KVSparseImplMixin:
             super().forward(layer, query[tokens], key[tokens], value[tokens], kv_cache,
                             plan.dense_md, dense_out)
             output[tokens] = dense_out
+        kernel = self._sparse_kernel(layer, kv_cache) if sparse else None
         for row, sel in sparse:
             s, e = row.start, row.end
-            output[s:e] = sparsity.attend(sel, query[s:e], key[s:e], value[s:e])
+            output[s:e] = sparsity.attend(sel, query[s:e], key[s:e], value[s:e], kernel=kernel)
         if plan.block_size is None:
             return output
         for row, sel in zip(plan.sparse_rows, selections):
@@ -320,6 +321,12 @@ class KVSparseImplMixin:
                                    block_size)
 
         rt.defer(runtime.DeferredLayer(sparsity.layer_idx, [row.req_id for row in rows], apply))
+
+    def _sparse_kernel(self, layer, kv_cache):
+        """The backend's token-sparse attention ``(query, key, value, indices, scale) -> out``
+        (contract of zipvl.sparse_prefill_attention_reference), or None for the default
+        (layer_sparsity._sparse_attention: Triton on CUDA)."""
+        return None
 
     def _compact_rows(self, layer, rows: list[tuple[SparseRow, RowSelection]], key, value,
                       kv_cache, block_table, block_size) -> None:

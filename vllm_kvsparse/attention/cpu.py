@@ -7,6 +7,7 @@ backend unchanged.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttenti
 
 from vllm import _custom_ops as ops
 
+from vllm_kvsparse.attention import cpu_kernel
 from vllm_kvsparse.attention.common import (KVSparseBuilderMixin, KVSparseImplMixin,
                                             KVSparseMetadataFields)
 
@@ -51,6 +53,21 @@ class KVSparseCPUAttentionImpl(KVSparseImplMixin, CPUAttentionBackendImpl):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._init_sparsity()
+
+    def _sparse_kernel(self, layer, kv_cache):
+        """The CPU's sparse attention kernel (cpu_kernel.choose_kernel): vLLM's own CPU
+        attention kernel over the kept rows (cpu_kernel.py), in the cache dtype and the layer's
+        ISA, as dense prefill runs it; on an AVX2-only CPU the fp32 torch SDPA path, which is
+        faster per FLOP there. Returns None for the torch path (layer_sparsity's default)."""
+        if cpu_kernel.choose_kernel(layer.isa, self.kv_cache_dtype) == "torch":
+            return None
+        spec = cpu_kernel.CPUKernelSpec(
+            isa=layer.isa, block_size=kv_cache.shape[2], cache_dtype=kv_cache.dtype,
+            kv_cache_dtype=self.kv_cache_dtype, k_scale=layer._k_scale_float,
+            v_scale=layer._v_scale_float)
+        kernel = functools.partial(cpu_kernel.sparse_prefill_attention, spec=spec)
+        kernel.name = f"vllm-cpu-attn:{spec.isa}"
+        return kernel
 
     def _compact_rows(self, layer, rows, key, value, kv_cache, block_table, block_size) -> None:
         """The CPU cache's element order inside a block is ISA-specific (vLLM 0.32's

@@ -98,21 +98,28 @@ class LayerSparsity:
                             prompt_blocks)
 
     def attend(self, sel: RowSelection, query: torch.Tensor, key: torch.Tensor,
-               value: torch.Tensor) -> torch.Tensor:
+               value: torch.Tensor, kernel=None) -> torch.Tensor:
         """Attention output [t, H, D] of one request: prompt rows in T attend to T (causal by
         original position), other prompt rows are zero. Rows past the prompt (output tokens
         recomputed after a preemption) attend as decoding did: over T and the output tokens
-        when eviction is on, over everything otherwise."""
+        when eviction is on, over everything otherwise.
+
+        ``kernel(query, key, value, indices, scale)`` is the backend's sparse attention (CPU:
+        vLLM's own kernel over the kept rows, attention/cpu_kernel.py); None: the Triton kernel
+        on CUDA tensors, the torch reference on CPU ones."""
         n, t = sel.num_prompt, query.shape[0]
         out = torch.empty_like(query)
         if self.cfg.evicts or t == n:
             out[:] = _sparse_attention(query, key, value, sel.kept_and_outputs(t, query.device),
-                                       self.scale)
+                                       self.scale, kernel=kernel)
         else:
-            out[:n] = _sparse_attention(query[:n], key[:n], value[:n], sel.indices, self.scale)
+            out[:n] = _sparse_attention(query[:n], key[:n], value[:n], sel.indices, self.scale,
+                                        kernel=kernel)
             out[n:] = _dense_tail(query, key, value, n, self.scale)
         if self.cfg.record_dir and self.cfg.record_tensors:
-            self._save_tensors(sel, query, key, value, out)
+            name = getattr(kernel, "name", None) or (
+                "triton" if query.is_cuda else "torch-reference")
+            self._save_tensors(sel, query, key, value, out, name)
         return out
 
     def attend_outputs_after_prompt(self, sel: RowSelection, query: torch.Tensor,
@@ -123,12 +130,13 @@ class LayerSparsity:
         rows = sel.kept_and_outputs(query.shape[0], query.device)
         return _sparse_attention(query, key, value, rows, self.scale)[sel.num_prompt:]
 
-    def _save_tensors(self, sel, query, key, value, out) -> None:
-        """Debug: the inputs and output of this layer's sparse prefill, for reference checks."""
+    def _save_tensors(self, sel, query, key, value, out, kernel: str) -> None:
+        """Debug: the inputs and output of this layer's sparse prefill (and the kernel that
+        computed it), for reference checks."""
         path = os.path.join(self.cfg.record_dir,
                             f"tensors-{sel.req_id}-layer{self.layer_idx}.pt")
         torch.save({"query": query, "key": key, "value": value, "output": out,
-                    "kept": sel.indices, "scale": self.scale}, path)
+                    "kept": sel.indices, "scale": self.scale, "kernel": kernel}, path)
 
 
 def _fused_probe_scores(query, key, probe_idx, scale, backend: str = "auto"):
@@ -138,9 +146,13 @@ def _fused_probe_scores(query, key, probe_idx, scale, backend: str = "auto"):
                                         backend=backend)
 
 
-def _sparse_attention(query, key, value, indices, scale, backend: str = "auto") -> torch.Tensor:
-    """Causal attention among the kept rows of one sequence, zeros elsewhere: the Triton
-    gather-on-the-fly kernel on CUDA, SDPA over the gathered rows on CPU."""
+def _sparse_attention(query, key, value, indices, scale, backend: str = "auto",
+                      kernel=None) -> torch.Tensor:
+    """Causal attention among the kept rows of one sequence, zeros elsewhere: ``kernel`` when
+    the backend gives one (CPU: vLLM's kernel), else the Triton gather-on-the-fly kernel on
+    CUDA, SDPA over the gathered rows (the fp32 reference) on CPU."""
+    if kernel is not None:
+        return kernel(query, key, value, indices, scale)
     if backend == "auto" and not query.is_cuda:
         return zipvl.sparse_prefill_attention_reference(query, key, value, indices, scale)
     bounds = torch.tensor([0, query.shape[0]], dtype=torch.int32, device=query.device)

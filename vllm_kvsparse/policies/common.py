@@ -2,8 +2,9 @@
 causal probe-row attention (torch only, no vLLM).
 
 Memory: nothing here builds an ``[H, n, n]`` matrix. Probe attention is computed for the probe
-rows only, one KV head's query group at a time (``[g, m, n]``,
-``zipvl.probe_attention_by_group``, the loop ZipVL's own scores use too).
+rows only: column sums in chunks of probe rows over all heads (``zipvl.probe_column_sums``,
+what ZipVL's own scores use), or one KV head's query group at a time where a method needs the
+probabilities themselves (``[g, m, n]``, ``zipvl.probe_attention_by_group``).
 """
 
 from __future__ import annotations
@@ -96,12 +97,9 @@ def pool1d(scores: torch.Tensor, kernel: int, mode: str) -> torch.Tensor:
 
 def per_head_column_sums(query: torch.Tensor, key: torch.Tensor, probe_idx: torch.Tensor,
                          scale: float) -> torch.Tensor:
-    """``v[h, j] = sum_{i in probes} A^h[i, j]`` fp32 ``[H, n]``."""
-    n, num_heads, _ = query.shape
-    out = torch.empty(num_heads, n, dtype=torch.float32, device=query.device)
-    for h0, probs in probe_attention_by_group(query, key, probe_idx, scale):
-        out[h0:h0 + probs.shape[0]] = probs.sum(1)
-    return out
+    """``v[h, j] = sum_{i in probes} A^h[i, j]`` fp32 ``[H, n]`` (zipvl.probe_column_sums:
+    probe rows in chunks, no ``[g, m, n]`` matrix)."""
+    return zipvl.probe_column_sums(query, key, probe_idx, scale, per_head=True)
 
 
 def head_mean_column_sums(query: torch.Tensor, key: torch.Tensor, probe_idx: torch.Tensor,

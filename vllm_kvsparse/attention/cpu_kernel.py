@@ -1,0 +1,122 @@
+"""Token-sparse prefill attention on CPU through vLLM's own CPU attention kernel.
+
+The kept set ``T`` of one request is ascending, so causality by original position equals
+causality by rank within ``T``: sparse attention over ``T`` is ordinary causal prefill attention
+of a "virtual" sequence made of the kept rows only. That sequence is written, in the cache
+dtype and vLLM's ISA-specific block layout, into a scratch paged cache of
+``ceil(t / block_size)`` blocks (vLLM's cache-write op, ``cpu_attn_reshape_and_cache``), and
+vLLM's kernel (``cpu_attention_with_kv_cache``, the one dense prefill runs: AMX tiles on a
+Xeon with AMX, AVX-512 / AVX2 vector code elsewhere) attends the kept queries over it with a
+virtual block table ``0..B-1``, ``query_start_loc = [0, t]``, ``seq_lens = [t]``.
+
+So the sparse path costs what dense prefill of a ``t``-token prompt costs on the same CPU,
+and computes in the same precision as vLLM's dense path (bf16 inputs, fp32 softmax and
+accumulation inside the kernel; the cache dtype's K/V). The torch path
+(``zipvl.sparse_prefill_attention_reference``, fp32 SDPA over gathered rows) stays the
+reference.
+
+``CALLS`` counts kernel invocations, so tests can check that the sparse path really runs this
+kernel and did not fall back silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm import _custom_ops as ops
+
+CALLS = {"cpu_attention_with_kv_cache": 0}
+
+# Which sparse-attention kernel the CPU backend runs. "auto": vLLM's kernel, except on a CPU
+# with neither AMX nor AVX-512 (vLLM's "vec" kernel on AVX2), where torch's fp32 flash SDPA
+# was measured faster per FLOP (benchmarks/selection_cost.py, AMD EPYC AVX2: sparse torch /
+# (kept-FLOP fraction x dense vLLM) 0.65 vs 0.85 for vLLM's kernel at 8K) and the fp8 caches
+# that need vLLM's kernel are refused by vLLM anyway. The environment variable forces a choice
+# (benchmarks' what-if runs).
+KERNEL_ENV = "VLLM_KVSPARSE_CPU_SPARSE_KERNEL"
+
+
+def choose_kernel(isa: str, kv_cache_dtype: str = "auto") -> str:
+    """"vllm" or "torch" for the layer's ISA (see above)."""
+    import os
+
+    forced = os.environ.get(KERNEL_ENV, "auto")
+    if forced in ("vllm", "torch"):
+        return forced
+    if forced != "auto":
+        raise ValueError(f"{KERNEL_ENV}={forced!r}: valid values are auto, vllm, torch")
+    avx2_only = isa == "vec" and not torch.cpu._is_avx512_supported() \
+        and not torch.cpu._is_amx_tile_supported()
+    return "torch" if avx2_only and kv_cache_dtype == "auto" else "vllm"
+
+
+@dataclass(frozen=True)
+class CPUKernelSpec:
+    """What vLLM's CPU kernel needs besides the tensors (all from the engine's layer/impl)."""
+
+    isa: str                    # layer.isa, set by vLLM's CPU metadata builder
+    block_size: int             # the KV cache's block size (the ISA's layout assumes it)
+    cache_dtype: torch.dtype    # the paged cache tensor's dtype
+    kv_cache_dtype: str = "auto"
+    k_scale: float = 1.0
+    v_scale: float = 1.0
+
+
+def default_spec(dtype: torch.dtype, head_dim: int, block_size: int = 32) -> CPUKernelSpec:
+    """The spec vLLM's builder would pick for a ``dtype`` model with an "auto" cache."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    return CPUKernelSpec(_get_attn_isa(dtype, block_size, head_dim, "auto"), block_size, dtype)
+
+
+def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                     spec: CPUKernelSpec) -> torch.Tensor:
+    """Causal self-attention of one packed sequence (query [t, H, d], key/value [t, Hkv, d])
+    by vLLM's CPU kernel over a scratch paged cache. Returns [t, H, d] in query's dtype."""
+    t, num_heads, head_dim = query.shape
+    num_kv_heads = key.shape[1]
+    bs = spec.block_size
+    num_blocks = (t + bs - 1) // bs
+    cache = torch.empty(num_blocks, num_kv_heads, 2 * bs, head_dim, dtype=spec.cache_dtype)
+    # The tail of the last block is padding the kernel reads (masked logits, weight 0): it
+    # must hold finite values, since 0 * NaN garbage would be NaN.
+    cache[-1].zero_()
+    key_cache, value_cache = cache.chunk(2, dim=2)
+    ops.cpu_attn_reshape_and_cache(key.contiguous(), value.contiguous(), key_cache, value_cache,
+                                   torch.arange(t, dtype=torch.int64), spec.isa,
+                                   k_scale=spec.k_scale, v_scale=spec.v_scale,
+                                   kv_cache_dtype=spec.kv_cache_dtype)
+    qsl = torch.tensor([0, t], dtype=torch.int32)
+    seq_lens = torch.tensor([t], dtype=torch.int32)
+    block_table = torch.arange(num_blocks, dtype=torch.int32)[None, :]
+    sched = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=1, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        seq_lens=seq_lens, dtype=query.dtype, query_start_loc=qsl, causal=True,
+        sliding_window_size=-1, isa=spec.isa, enable_kv_split=False,
+        kv_cache_dtype=spec.kv_cache_dtype)
+    out = torch.empty_like(query)
+    ops.cpu_attention_with_kv_cache(
+        query=query.contiguous(), key_cache=key_cache, value_cache=value_cache, output=out,
+        query_start_loc=qsl, seq_lens=seq_lens, scale=scale, causal=True, alibi_slopes=None,
+        sliding_window=-1, block_table=block_table, softcap=0.0, scheduler_metadata=sched,
+        s_aux=None, k_scale=spec.k_scale, v_scale=spec.v_scale,
+        kv_cache_dtype=spec.kv_cache_dtype)
+    CALLS["cpu_attention_with_kv_cache"] += 1
+    return out
+
+
+def sparse_prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             indices: torch.Tensor, scale: float,
+                             spec: CPUKernelSpec) -> torch.Tensor:
+    """Token-sparse causal attention (ZipVL step 8) of one sequence by vLLM's CPU kernel:
+    rows in ``indices`` (ascending) attend to the rows of ``indices`` at positions <= their
+    own; other rows are zero. Same contract as ``zipvl.sparse_prefill_attention_reference``."""
+    n, num_heads, _ = query.shape
+    out = torch.zeros(n, num_heads, value.shape[2], dtype=query.dtype, device=query.device)
+    if indices.numel() == 0:
+        return out
+    indices = indices.to(query.device).long()
+    out[indices] = causal_attention(query[indices], key[indices], value[indices], scale, spec)
+    return out
