@@ -88,8 +88,7 @@ def expected_cpu_kernel(forced: str | None) -> str:
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
     isa = _get_attn_isa(torch.bfloat16, 32, 64, "auto")
-    avx2_only = not torch.cpu._is_avx512_supported() and not torch.cpu._is_amx_tile_supported()
-    use_torch = forced == "torch" or (forced is None and isa == "vec" and avx2_only)
+    use_torch = forced in (None, "torch")   # the default is the torch path (cpu_kernel.py)
     return "torch-reference" if use_torch else f"vllm-cpu-attn:{isa}"
 
 

@@ -29,17 +29,19 @@ from vllm import _custom_ops as ops
 
 CALLS = {"cpu_attention_with_kv_cache": 0}
 
-# Which sparse-attention kernel the CPU backend runs. "auto": vLLM's kernel, except on a CPU
-# with neither AMX nor AVX-512 (vLLM's "vec" kernel on AVX2), where torch's fp32 flash SDPA
-# was measured faster per FLOP (benchmarks/selection_cost.py, AMD EPYC AVX2: sparse torch /
-# (kept-FLOP fraction x dense vLLM) 0.65 vs 0.85 for vLLM's kernel at 8K) and the fp8 caches
-# that need vLLM's kernel are refused by vLLM anyway. The environment variable forces a choice
-# (benchmarks' what-if runs).
+# Which sparse-attention kernel the CPU backend runs. "auto" is the fp32 torch SDPA path on
+# every CPU for now: on the AVX2 EPYC we have, torch measured faster per FLOP than vLLM's "vec"
+# kernel (benchmarks/selection_cost.py: sparse / (kept-FLOP fraction x dense vLLM) 0.82 vs 0.99
+# at 8K), and vLLM's AMX and AVX-512 kernels, which should win on a Xeon, have not run this path
+# on such a CPU yet (no Xeon was available). `VLLM_KVSPARSE_CPU_SPARSE_KERNEL=vllm` opts in
+# (tested end to end on the "vec" ISA: tests/e2e/test_sparse_prefill.py); "torch" forces the
+# default. Make "vllm" the default for AMX / AVX-512 once a Xeon run shows it faster and correct.
 KERNEL_ENV = "VLLM_KVSPARSE_CPU_SPARSE_KERNEL"
 
 
 def choose_kernel(isa: str, kv_cache_dtype: str = "auto") -> str:
-    """"vllm" or "torch" for the layer's ISA (see above)."""
+    """"vllm" or "torch" (see above); `isa` and `kv_cache_dtype` are recorded for the choice
+    that will depend on them once measured."""
     import os
 
     forced = os.environ.get(KERNEL_ENV, "auto")
@@ -47,9 +49,7 @@ def choose_kernel(isa: str, kv_cache_dtype: str = "auto") -> str:
         return forced
     if forced != "auto":
         raise ValueError(f"{KERNEL_ENV}={forced!r}: valid values are auto, vllm, torch")
-    avx2_only = isa == "vec" and not torch.cpu._is_avx512_supported() \
-        and not torch.cpu._is_amx_tile_supported()
-    return "torch" if avx2_only and kv_cache_dtype == "auto" else "vllm"
+    return "torch"
 
 
 @dataclass(frozen=True)
