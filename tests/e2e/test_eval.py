@@ -1,5 +1,5 @@
 """`vllm-kvsparse eval` against real `vllm serve` processes of the committed trained tiny model
-(models/tiny-qwen2vl-vqa, docs/eval.md): dense accuracy on a held-out slice of the synthetic
+(tests/fixtures/tiny-qwen2vl-vqa, docs/eval.md): dense accuracy on a held-out slice of the synthetic
 suite, zipvl at tau 1.0 fully loyal to dense, random eviction at a 10% budget clearly worse,
 the kept ratio / blocks freed in the report equal to the servers' own counters, and a dead
 endpoint and a malformed dataset line reported without losing anything else."""
@@ -17,7 +17,7 @@ from vllm_kvsparse.bench import metrics_scrape
 
 pytestmark = pytest.mark.e2e
 
-MODEL = REPO / "models" / "tiny-qwen2vl-vqa"
+MODEL = REPO / "tests" / "fixtures" / "tiny-qwen2vl-vqa"
 TASKS = "color,position,count,multi_image"
 LIMIT = 12  # per task: 48 held-out samples per endpoint
 SERVE = ["--limit-mm-per-prompt", '{"image": 4, "video": 0}']
@@ -26,7 +26,7 @@ METHODS = {
     "zipvl": ["--kv-sparsity", "zipvl", "--kv-sparsity-config",
               '{"tau": 1.0, "min_prompt_len": 0}'],
     "random": ["--kv-sparsity", "random", "--kv-sparsity-config",
-               '{"budget": 0.1, "min_prompt_len": 0}'],
+               '{"budget": 0.1, "scope": "visual", "min_prompt_len": 0}'],
 }
 
 
@@ -74,7 +74,7 @@ def test_dense_accuracy_loyalty_and_random_eviction(run):
     z = eps["zipvl"]["overall"]
     assert z["failures"] == 0 and z["OL"] == 1.0 and z["OP"] == pytest.approx(1.0)
     r = eps["random"]["overall"]
-    assert r["failures"] == 0 and r["kept_ratio_mean"] < 0.3
+    assert r["failures"] == 0 and r["kept_ratio_mean"] < 0.8  # all text + 10% of the image
     assert r["accuracy_relaxed"] <= dense["overall"]["accuracy_relaxed"] - 0.25, r
     assert (out / "eval.md").is_file() and (out / "accuracy_vs_kept_ratio.png").stat().st_size
 

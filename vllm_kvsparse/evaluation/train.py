@@ -110,7 +110,13 @@ def train(out_dir: str, *, steps: int, batch_size: int, lr: float, warmup: int, 
                                           else eval_n, seed, "test") for t in tasks}
         history = []
         bar = _bar(steps, progress)
+        stopped_at = None
+        stop = _StopOnSignal()
         for step in range(steps):
+            if stop.requested:
+                stopped_at = step
+                log(f"stopped by SIGINT/SIGTERM after {step} steps; saving the model")
+                break
             task = tasks[int(rng.choice(len(tasks), p=weights / weights.sum()))]
             n = long_batch_size if task in synthetic.LONG_TASKS else batch_size
             batch = [synthetic.sample(task, counters[task] + i, seed, "train") for i in range(n)]
@@ -132,6 +138,7 @@ def train(out_dir: str, *, steps: int, batch_size: int, lr: float, warmup: int, 
                 history[-1]["held_out_first_token_accuracy"] = acc
                 log(f"step {step + 1}: " + " ".join(f"{t}={a:.2f}" for t, a in acc.items()))
         bar.close()
+        stop.restore()
         model.eval()
         model.to(torch.bfloat16).save_pretrained(out_dir, safe_serialization=True)
         for name in os.listdir(tmp):
@@ -143,7 +150,7 @@ def train(out_dir: str, *, steps: int, batch_size: int, lr: float, warmup: int, 
     with open(os.path.join(out_dir, "tiny_model_spec.json"), "w") as f:
         json.dump(asdict(_replace(spec, dtype="bfloat16", seed=seed)), f, indent=1,
                   sort_keys=True)
-    info = {"steps": steps, "batch_size": batch_size, "long_batch_size": long_batch_size,
+    info = {"steps": steps, "stopped_at_step": stopped_at, "batch_size": batch_size, "long_batch_size": long_batch_size,
             "lr": lr, "warmup": warmup, "mix": mix,
             "seed": seed, "threads": threads, "train_seconds": round(time.perf_counter()
                                                                      - t_start, 1),
@@ -151,6 +158,27 @@ def train(out_dir: str, *, steps: int, batch_size: int, lr: float, warmup: int, 
     with open(os.path.join(out_dir, "training.json"), "w") as f:
         json.dump(info, f, indent=1)
     return info
+
+
+class _StopOnSignal:
+    """SIGINT / SIGTERM during training: finish the current step, then save what was trained
+    (training.json records "stopped_at_step"); a second signal stops at once."""
+
+    def __init__(self):
+        import signal
+        self.requested = False
+        self._old = {sig: signal.signal(sig, self._handle)
+                     for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self):
+        import signal
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 def _replace(spec, **kw):
@@ -185,7 +213,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--mix", default=DEFAULT_MIX,
                    help=f"task:weight,... sampled per batch (default {DEFAULT_MIX})")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: on a shared machine more threads wait "
+                        "on each other; results depend on it)")
     p.add_argument("--eval-every", type=int, default=0,
                    help="held-out first-token accuracy every N steps (0: never)")
     p.add_argument("--no-progress", action="store_true")
