@@ -204,13 +204,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("train-tiny", help="train a tiny Qwen2-VL on the synthetic visual-QA "
                        "suite (CPU); docs/eval.md")
     tiny_model.add_arguments(p)
-    p.set_defaults(layers=4, max_pixels=896 * 896, func=main)
+    p.set_defaults(max_pixels=896 * 896, func=main)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--long-batch-size", type=int, default=2,
                    help="batch size of the long (1,024-token) tasks (default 2)")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--mix", default=DEFAULT_MIX,
                    help=f"task:weight,... sampled per batch (default {DEFAULT_MIX})")
     p.add_argument("--threads", type=int, default=1,
@@ -235,9 +235,11 @@ def main(args: argparse.Namespace) -> int:
         print(f"vllm-kvsparse train-tiny: error: {e}", file=sys.stderr)
         return 2
     info = train(args.out_dir, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                 warmup=args.warmup, mix=mix, long_batch_size=args.long_batch_size, seed=args.seed, threads=args.threads, spec=spec,
-                 eval_every=args.eval_every, progress=not args.no_progress,
+                 warmup=args.warmup, mix=mix, long_batch_size=args.long_batch_size,
+                 seed=args.seed, threads=args.threads, spec=spec, eval_every=args.eval_every,
+                 progress=not args.no_progress,
                  log=lambda m: print(m, file=sys.stderr))
-    print(f"trained tiny Qwen2-VL written to {args.out_dir} ({args.steps} steps, "
+    done = info["stopped_at_step"] or args.steps
+    print(f"trained tiny Qwen2-VL written to {args.out_dir} ({done} steps, "
           f"{info['train_seconds']}s)")
     return 0
