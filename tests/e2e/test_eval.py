@@ -1,6 +1,7 @@
 """`vllm-kvsparse eval` against real `vllm serve` processes of the committed trained tiny model
 (tests/fixtures/tiny-qwen2vl-vqa, docs/eval.md): dense accuracy on a held-out slice of the synthetic
-suite, zipvl at tau 1.0 fully loyal to dense, random eviction at a 10% budget clearly worse,
+suite, zipvl at tau 1.0 fully loyal to dense, random eviction of 90% of the visual tokens
+(after a dense prefill, so one-word answers are unchanged),
 the kept ratio / blocks freed in the report equal to the servers' own counters, and a dead
 endpoint and a malformed dataset line reported without losing anything else."""
 
@@ -76,9 +77,14 @@ def test_dense_accuracy_loyalty_and_random_eviction(run):
         assert t["accuracy_relaxed"] >= 0.9, (task, t)
     z = eps["zipvl"]["overall"]
     assert z["failures"] == 0 and z["OL"] == 1.0 and z["OP"] == pytest.approx(1.0)
+    # random evicts 90% of the visual tokens, but after a dense prefill: the one-word answer is
+    # the first generated token, decided before anything is evicted (docs/eval.md). So it is as
+    # accurate as dense here; a check that the image matters needs sparse prefill or longer
+    # answers (not done).
     r = eps["random"]["overall"]
     assert r["failures"] == 0 and r["kept_ratio_mean"] < 0.8  # all text + 10% of the image
-    assert r["accuracy_relaxed"] <= dense["overall"]["accuracy_relaxed"] - 0.25, r
+    assert r["kv_blocks_freed"] > 0
+    assert r["accuracy_relaxed"] == dense["overall"]["accuracy_relaxed"], r
     assert (out / "eval.md").is_file() and (out / "accuracy_vs_kept_ratio.png").stat().st_size
 
 
