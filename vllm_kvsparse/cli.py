@@ -2,6 +2,8 @@
 
     vllm-kvsparse tiny-model OUT_DIR [options]   build the embedded tiny Qwen2-VL model
     vllm-kvsparse bench --endpoint NAME=URL ...  compare endpoints (dense vs zipvl), docs/bench.md
+    vllm-kvsparse eval --endpoint NAME=URL ...   accuracy and EffiVLM-Bench metrics, docs/eval.md
+    vllm-kvsparse train-tiny OUT_DIR             train the tiny model on the synthetic suite
 """
 
 from __future__ import annotations
@@ -39,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     from vllm_kvsparse.bench import cli as bench_cli
 
     bench_cli.add_parser(sub)
+    from vllm_kvsparse.evaluation import cli as eval_cli
+    from vllm_kvsparse.evaluation import train as eval_train
+
+    eval_cli.add_parser(sub)
+    eval_train.add_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,0 +1,41 @@
+"""`vllm-kvsparse train-tiny` runs: a few steps on a 1-layer model, twice, give the same bf16
+checkpoint bytes in tiny_model.build's layout (the committed model is made by the same code
+with more steps; docs/eval.md)."""
+
+import hashlib
+import json
+import subprocess
+import sys
+
+from vllm_kvsparse.tiny_model import TinyModelSpec
+
+
+def _train(out):
+    cmd = [sys.executable, "-m", "vllm_kvsparse.cli", "train-tiny", str(out), "--layers", "1",
+           "--vision-depth", "1", "--steps", "3", "--batch-size", "2", "--threads", "1",
+           "--mix", "color:1,multi_image:1", "--eval-every", "3", "--seed", "3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_train_tiny_few_steps_deterministic(tmp_path):
+    proc = _train(tmp_path / "a")
+    _train(tmp_path / "b")
+    assert "train-tiny" in proc.stderr and "step 3: color=" in proc.stderr  # bar + eval line
+    digest = [hashlib.sha256((tmp_path / d / "model.safetensors").read_bytes()).hexdigest()
+              for d in "ab"]
+    assert digest[0] == digest[1]
+    a = tmp_path / "a"
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                 "generation_config.json", "processor_config.json", "training.json"):
+        assert (a / name).is_file(), name
+    cfg = json.loads((a / "config.json").read_text())
+    assert cfg["text_config"]["num_hidden_layers"] == 1
+    assert cfg.get("dtype", cfg.get("torch_dtype")) == "bfloat16"
+    spec = json.loads((a / "tiny_model_spec.json").read_text())
+    assert spec["dtype"] == "bfloat16" and spec["seed"] == 3
+    assert TinyModelSpec(**spec).max_pixels == 896 * 896
+    info = json.loads((a / "training.json").read_text())
+    assert info["steps"] == 3 and len(info["history"]) == 3
+    assert set(info["history"][-1]["held_out_first_token_accuracy"]) == {"color", "multi_image"}

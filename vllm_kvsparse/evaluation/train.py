@@ -1,0 +1,245 @@
+"""`vllm-kvsparse train-tiny OUT_DIR`: train a tiny Qwen2-VL on the synthetic suite, on CPU.
+
+The model starts as `tiny_model.build` makes it (same tokenizer, chat template, processor and
+directory layout), is trained in float32 with AdamW and a warmup + cosine schedule on prompts
+rendered exactly as vLLM renders an OpenAI chat request (the chat template, system prompt
+included), with the loss on the answer and <|im_end|> only, and is saved in bfloat16: a
+checkpoint `vllm serve` loads like any other. Deterministic given --seed and --threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+
+from vllm_kvsparse.evaluation import synthetic
+from vllm_kvsparse.evaluation.dataset import user_content
+
+DEFAULT_MIX = "color:1,position:2,count:2,multi_image:2"
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    mix = {}
+    for part in text.split(","):
+        name, _, w = part.partition(":")
+        if name.strip() not in synthetic.TASKS:
+            raise ValueError(f"unknown task {name!r} in --mix; tasks: {', '.join(synthetic.TASKS)}")
+        mix[name.strip()] = float(w or 1)
+    return mix
+
+
+def _batch(processor, samples, with_answer: bool = True):
+    """Tokenised batch; labels are -100 except the answer and <|im_end|>."""
+    import torch
+
+    texts, images, n_answer = [], [], []
+    for s in samples:
+        imgs = s.pil_images()
+        # The same content list `eval` sends, with {"type": "image"} for each image_url part:
+        # the chat template renders both as <|vision_start|><|image_pad|><|vision_end|>.
+        content = user_content(s.question, [{"type": "image"} for _ in imgs])
+        prompt = processor.apply_chat_template([{"role": "user", "content": content}],
+                                               add_generation_prompt=True, tokenize=False)
+        if with_answer:
+            answer = s.answers[0] + "<|im_end|>"
+            n_answer.append(len(processor.tokenizer.encode(answer)))
+            prompt += answer
+        texts.append(prompt)
+        images.extend(imgs)
+    processor.tokenizer.padding_side = "right"
+    enc = processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+    if with_answer:
+        labels = torch.full_like(enc["input_ids"], -100)
+        lengths = enc["attention_mask"].sum(1)
+        for i, (n, k) in enumerate(zip(lengths.tolist(), n_answer)):
+            labels[i, n - k:n] = enc["input_ids"][i, n - k:n]
+        enc["labels"] = labels
+    return enc
+
+
+def first_token_accuracy(model, processor, samples, batch_size: int = 8) -> float:
+    """Teacher-forced: is the argmax at the answer's first token the answer's first token."""
+    import torch
+
+    right = 0
+    with torch.no_grad():
+        for i in range(0, len(samples), batch_size):
+            chunk = samples[i:i + batch_size]
+            enc = _batch(processor, chunk)
+            labels = enc.pop("labels")
+            logits = model(**enc).logits
+            for j in range(len(chunk)):
+                pos = (labels[j] != -100).nonzero()[0, 0]
+                right += int(logits[j, pos - 1].argmax() == labels[j, pos])
+    return right / max(len(samples), 1)
+
+
+def train(out_dir: str, *, steps: int, batch_size: int, lr: float, warmup: int, mix: dict,
+          seed: int, threads: int, spec=None, eval_every: int = 0, eval_n: int = 16,
+          long_batch_size: int = 2,
+          progress: bool = True, log=print) -> dict:
+    import numpy as np
+    import torch
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    from vllm_kvsparse import tiny_model
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    spec = spec or tiny_model.TinyModelSpec()
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny_model.build(tmp, _replace(spec, dtype="float32", seed=seed))
+        model = Qwen2VLForConditionalGeneration.from_pretrained(tmp, dtype=torch.float32)
+        processor = AutoProcessor.from_pretrained(tmp)
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / max(warmup, 1)) * 0.5
+            * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
+        tasks, weights = list(mix), np.array(list(mix.values()), dtype=float)
+        rng = np.random.default_rng([seed, 7])
+        counters = {t: 0 for t in tasks}
+        held_out = {t: synthetic.generate([t], eval_n // 2 if t in synthetic.LONG_TASKS
+                                          else eval_n, seed, "test") for t in tasks}
+        history = []
+        bar = _bar(steps, progress)
+        stopped_at = None
+        stop = _StopOnSignal()
+        for step in range(steps):
+            if stop.requested:
+                stopped_at = step
+                log(f"stopped by SIGINT/SIGTERM after {step} steps; saving the model")
+                break
+            task = tasks[int(rng.choice(len(tasks), p=weights / weights.sum()))]
+            n = long_batch_size if task in synthetic.LONG_TASKS else batch_size
+            batch = [synthetic.sample(task, counters[task] + i, seed, "train") for i in range(n)]
+            counters[task] += n
+            enc = _batch(processor, batch)
+            loss = model(**enc).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            history.append({"step": step + 1, "task": task, "loss": round(loss.item(), 4)})
+            bar.set_postfix(task=task, loss=f"{loss.item():.3f}")
+            bar.update(1)
+            if eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
+                model.eval()
+                acc = {t: first_token_accuracy(model, processor, held_out[t]) for t in tasks}
+                model.train()
+                history[-1]["held_out_first_token_accuracy"] = acc
+                log(f"step {step + 1}: " + " ".join(f"{t}={a:.2f}" for t, a in acc.items()))
+        bar.close()
+        stop.restore()
+        model.eval()
+        model.to(torch.bfloat16).save_pretrained(out_dir, safe_serialization=True)
+        for name in os.listdir(tmp):
+            if not name.endswith(".safetensors") and name not in ("config.json",
+                                                                  "model.safetensors.index.json"):
+                src = os.path.join(tmp, name)
+                if os.path.isfile(src):
+                    shutil.copy(src, os.path.join(out_dir, name))
+    with open(os.path.join(out_dir, "tiny_model_spec.json"), "w") as f:
+        json.dump(asdict(_replace(spec, dtype="bfloat16", seed=seed)), f, indent=1,
+                  sort_keys=True)
+    info = {"steps": steps, "stopped_at_step": stopped_at, "batch_size": batch_size, "long_batch_size": long_batch_size,
+            "lr": lr, "warmup": warmup, "mix": mix,
+            "seed": seed, "threads": threads, "train_seconds": round(time.perf_counter()
+                                                                     - t_start, 1),
+            "history": history}
+    with open(os.path.join(out_dir, "training.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    return info
+
+
+class _StopOnSignal:
+    """SIGINT / SIGTERM during training: finish the current step, then save what was trained
+    (training.json records "stopped_at_step"); a second signal stops at once."""
+
+    def __init__(self):
+        import signal
+        self.requested = False
+        self._old = {sig: signal.signal(sig, self._handle)
+                     for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self):
+        import signal
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _replace(spec, **kw):
+    import dataclasses
+    return dataclasses.replace(spec, **kw)
+
+
+def _bar(total: int, enabled: bool):
+    try:
+        from tqdm import tqdm
+        return tqdm(total=total, desc="train-tiny", unit="step", disable=not enabled)
+    except ImportError:  # tqdm is in the [bench] extra
+        class _Null:
+            def update(self, *a): pass
+            def set_postfix(self, **k): pass
+            def close(self): pass
+        return _Null()
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    from vllm_kvsparse import tiny_model
+
+    p = sub.add_parser("train-tiny", help="train a tiny Qwen2-VL on the synthetic visual-QA "
+                       "suite (CPU); docs/eval.md")
+    tiny_model.add_arguments(p)
+    p.set_defaults(max_pixels=896 * 896, func=main)
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--long-batch-size", type=int, default=2,
+                   help="batch size of the long (1,024-token) tasks (default 2)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--mix", default=DEFAULT_MIX,
+                   help=f"task:weight,... sampled per batch (default {DEFAULT_MIX})")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: on a shared machine more threads wait "
+                        "on each other; results depend on it)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="held-out first-token accuracy every N steps (0: never)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    import sys
+
+    from vllm_kvsparse import tiny_model
+
+    try:
+        spec = tiny_model.spec_from_args(args)
+        spec.validate()
+        mix = parse_mix(args.mix)
+    except ValueError as e:
+        print(f"vllm-kvsparse train-tiny: error: {e}", file=sys.stderr)
+        return 2
+    info = train(args.out_dir, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                 warmup=args.warmup, mix=mix, long_batch_size=args.long_batch_size,
+                 seed=args.seed, threads=args.threads, spec=spec, eval_every=args.eval_every,
+                 progress=not args.no_progress,
+                 log=lambda m: print(m, file=sys.stderr))
+    done = info["stopped_at_step"] or args.steps
+    print(f"trained tiny Qwen2-VL written to {args.out_dir} ({done} steps, "
+          f"{info['train_seconds']}s)")
+    return 0
