@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from collections import defaultdict
 
 STATS_DIR_ENV = "VLLM_KVSPARSE_STATS_DIR"
@@ -229,9 +230,8 @@ class MultiprocessExporter:
         self.directory, self.labels, self.period = directory, labels, period
         self.paths = {kind: os.path.join(multiproc_dir, f"{kind}_kvsparse.db")
                       for kind in ("counter", "histogram")}
-        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kvsparse-metrics",
-                                        daemon=True)
+                                        daemon=True)   # dies with the API server
 
     def start(self) -> "MultiprocessExporter":
         self.write()
@@ -239,7 +239,8 @@ class MultiprocessExporter:
         return self
 
     def _run(self) -> None:
-        while not self._stop.wait(self.period):
+        while True:
+            time.sleep(self.period)
             try:
                 self.write()
             except OSError:   # the directory went away: the server is shutting down

@@ -131,27 +131,22 @@ def test_probes_security_and_metrics_scraping(overlay):
     assert {"/cache", "/dev/shm", "/tmp"} <= mounts   # writable dirs of a read-only rootfs
 
 
-def test_gpu_overlay_requests_one_gpu_and_keeps_the_model_cache():
-    objs = rendered("gpu")
+@pytest.mark.parametrize("overlay, gpus", [("gpu", 1), ("gpu-tp2", 2)])
+def test_gpu_overlays_request_their_gpus_and_keep_the_model_cache(overlay, gpus):
+    objs = rendered(overlay)
     c = container(objs)
     assert c["image"].endswith(":gpu")
-    assert str(c["resources"]["limits"]["nvidia.com/gpu"]) == "1"
-    assert str(c["resources"]["requests"]["nvidia.com/gpu"]) == "1"
+    assert str(c["resources"]["limits"]["nvidia.com/gpu"]) == str(gpus)
+    assert str(c["resources"]["requests"]["nvidia.com/gpu"]) == str(gpus)
     vol = {v["name"]: v for v in one(objs, "Deployment")["spec"]["template"]["spec"]["volumes"]}
     assert "persistentVolumeClaim" in vol["model-cache"]
+    assert vol["dshm"]["emptyDir"]["medium"] == "Memory"   # a patch must not break /dev/shm
     data = one(objs, "ConfigMap", "vllm-kvsparse-config")["data"]
     assert data["KVSPARSE_METHOD"] == "zipvl"
 
 
-def test_gpu_tp2_overlay_requests_two_gpus_and_passes_tensor_parallel_2():
-    objs = rendered("gpu-tp2")
-    c = container(objs)
-    assert c["image"].endswith(":gpu")
-    assert str(c["resources"]["limits"]["nvidia.com/gpu"]) == "2"
-    assert str(c["resources"]["requests"]["nvidia.com/gpu"]) == "2"
-    vol = {v["name"]: v for v in one(objs, "Deployment")["spec"]["template"]["spec"]["volumes"]}
-    assert vol["dshm"]["emptyDir"]["medium"] == "Memory"   # the patch hit the /dev/shm volume
-    r = entrypoint_dry_run(container_env(objs))
+def test_gpu_tp2_overlay_passes_tensor_parallel_2():
+    r = entrypoint_dry_run(container_env(rendered("gpu-tp2")))
     assert r.returncode == 0, r.stderr
     args = r.stdout.split()
     assert args[args.index("--tensor-parallel-size") + 1] == "2"
