@@ -566,3 +566,36 @@ def test_no_vllm_import():
             "bad = [m for m in sys.modules if m == 'vllm' or m.startswith('vllm.')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+@pytest.mark.parametrize("n,spans", [(96, [(10, 70)]), (40, [(0, 30)]), (50, [])])
+def test_query_rows_are_all_a_method_reads(name, n, spans):
+    """Chunked prefill keeps only `query_rows` of the earlier chunks: the decisions must be
+    the same when every other query row is replaced by garbage (here: huge random values)."""
+    num_layers = 4
+    mask = visual_mask(n, spans) if spans else None
+    options = {"window": 8} if "window" in POLICIES[name].option_keys() else {}
+    if name == "zipvl":
+        options.update(num_recent_probes=8, num_random_probes=8)
+    else:
+        options["budget"] = 0.3
+    policy = make_policy(name, options)
+    info = prompt(n, num_layers, mask)
+    rows = policy.query_rows(info)
+    assert rows.dtype == torch.long and rows.device.type == "cpu"
+    assert rows.tolist() == sorted(set(rows.tolist())) and all(0 <= r < n for r in rows.tolist())
+    if name in ("zipvl", "snapkv", "pyramidkv", "fastv"):
+        assert 0 < rows.numel() < n        # a real saving for the probe-row methods
+    inputs = make_layers(n, num_layers, seed=3)
+    garbage = []
+    gen = torch.Generator().manual_seed(9)
+    for inp in inputs:
+        q = torch.randn(inp.query.shape, generator=gen) * 1e3
+        q[rows] = inp.query[rows]
+        garbage.append(LayerInput(inp.layer_idx, q, inp.key, inp.scale))
+    want = select_all_layers(policy, info, inputs)
+    got = select_all_layers(policy, prompt(n, num_layers, mask), garbage)
+    for a, b in zip(want, got):
+        assert a.indices.tolist() == b.indices.tolist()
+        assert torch.equal(a.priority, b.priority)

@@ -51,7 +51,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import Choice, LayerInput, Policy, StepState
+from .base import Choice, LayerInput, Policy, PromptInfo, StepState
 from .common import floor_count, head_mean_column_sums, keep_all, protected_priority, topk_ascending
 
 
@@ -116,6 +116,12 @@ class AirCache(Policy):
         num_visual = int(visual.sum())
         return num_visual == 0 or num_visual == visual.numel() \
             or floor_count(self.budget, num_visual) >= num_visual
+
+    def query_rows(self, prompt: PromptInfo) -> torch.Tensor:
+        visual = prompt.visual_cpu()
+        if self._keeps_all(visual):
+            return torch.zeros(0, dtype=torch.long)
+        return torch.nonzero(~visual).flatten()   # the text rows (elite candidates)
 
     def layer(self, state: StepState, inp: LayerInput) -> None:
         prompt = state.prompt

@@ -170,6 +170,14 @@ class Policy:
     def finish(self, state: Any) -> dict[int, Choice]:
         return {}
 
+    def query_rows(self, prompt: PromptInfo) -> torch.Tensor:
+        """The prompt positions whose query rows ``layer`` reads (LongTensor, ascending, CPU):
+        its probe rows. ``layer`` must decide the same with every other query row replaced by
+        anything (tests/unit/test_policies.py checks it). Chunked prefill keeps only these rows
+        of the chunks before the last, since the queries of a chunk are gone once it ran.
+        Default: every row (correct for any method, costly for a long prompt)."""
+        return torch.arange(prompt.num_tokens)
+
     # ---- options -----------------------------------------------------------------------
 
     @classmethod

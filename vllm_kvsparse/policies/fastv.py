@@ -41,7 +41,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import Choice, LayerInput, Policy, StepState
+from .base import Choice, LayerInput, Policy, PromptInfo, StepState
 from .common import head_mean_column_sums, keep_all, protected_priority, topk_ascending
 
 
@@ -68,6 +68,9 @@ class FastV(Policy):
 
     def visual_keep_count(self, num_visual: int) -> int:
         return min(num_visual, max(1, int(math.floor(num_visual * self.budget + 0.5))))
+
+    def query_rows(self, prompt: PromptInfo) -> torch.Tensor:
+        return torch.tensor([prompt.num_tokens - 1])   # the last token, at layer K
 
     def layer(self, state: StepState, inp: LayerInput) -> Choice:
         prompt = state.prompt

@@ -20,7 +20,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import Choice, LayerInput, Policy, StepState
+from .base import Choice, LayerInput, Policy, PromptInfo, StepState
 from .common import budget_count, keep_all, protected_priority, topk_ascending
 
 SCOPES = ("all", "visual")
@@ -47,6 +47,9 @@ class Random(Policy):
         self._check_fraction("budget")
         self._check_int("seed")
         self._check_choice("scope", SCOPES)
+
+    def query_rows(self, prompt: PromptInfo) -> torch.Tensor:
+        return torch.zeros(0, dtype=torch.long)   # decides without attention scores
 
     def layer(self, state: StepState, inp: LayerInput) -> Choice:
         prompt = state.prompt

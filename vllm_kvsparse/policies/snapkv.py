@@ -41,7 +41,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import Choice, LayerInput, Policy, StepState, shard_mean
+from .base import Choice, LayerInput, Policy, PromptInfo, StepState, shard_mean
 from .common import (budget_count, head_mean_column_sums, keep_all, per_head_column_sums,
                      pool1d, protected_priority, topk_ascending)
 
@@ -95,6 +95,13 @@ class SnapKV(Policy):
                      window: int) -> int:
         """Prefix tokens kept by score in this layer (SnapKV: uniform ``C - w``)."""
         return capacity - window
+
+    def query_rows(self, prompt: PromptInfo) -> torch.Tensor:
+        n = prompt.num_tokens
+        capacity = budget_count(self.budget, n)
+        if n <= capacity:
+            return torch.zeros(0, dtype=torch.long)
+        return torch.arange(n - min(self.window, capacity), n)   # the observation window
 
     def layer(self, state: StepState, inp: LayerInput) -> Choice:
         prompt = state.prompt

@@ -33,7 +33,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import Choice, LayerInput, Policy, StepState
+from .base import Choice, LayerInput, Policy, PromptInfo, StepState
 from .common import budget_count, keep_all, protected_priority
 
 
@@ -50,6 +50,9 @@ class StreamingLLM(Policy):
     def __post_init__(self) -> None:
         self._check_fraction("budget")
         self._check_int("sinks", 0)
+
+    def query_rows(self, prompt: PromptInfo) -> torch.Tensor:
+        return torch.zeros(0, dtype=torch.long)   # decides without attention scores
 
     def layer(self, state: StepState, inp: LayerInput) -> Choice:
         prompt = state.prompt

@@ -49,7 +49,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import Choice, LayerInput, Policy, StepState
+from .base import Choice, LayerInput, Policy, PromptInfo, StepState
 from .common import (budget_count, floor_count, keep_all, probe_attention_by_group,
                      protected_priority, topk_ascending)
 
@@ -90,6 +90,12 @@ class VLCache(Policy):
         self._check_bool("layer_adaptive")
         self._check_fraction("sparsity_threshold")
         self._check_fraction("min_ratio", allow_zero=True)
+
+    def query_rows(self, prompt: PromptInfo) -> torch.Tensor:
+        n = prompt.num_tokens
+        if n <= budget_count(self.budget, n):
+            return torch.zeros(0, dtype=torch.long)
+        return post_vision_rows(prompt.visual_cpu())
 
     def layer(self, state: StepState, inp: LayerInput) -> None:
         prompt = state.prompt

@@ -22,8 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
+
 from .. import zipvl as _zipvl
-from .base import Choice, LayerInput, Policy, PolicyError, StepState
+from .base import Choice, LayerInput, Policy, PolicyError, PromptInfo, StepState
 from .common import scores_over_all_heads
 
 SCOPES = ("all", "visual")
@@ -62,6 +64,10 @@ class ZipVL(Policy):
             raise PolicyError("zipvl: budget is not a zipvl parameter "
                               "(its budget is adaptive: set tau)")
         return super().from_options(options)
+
+    def query_rows(self, prompt: PromptInfo) -> torch.Tensor:
+        return _zipvl.default_probe_indices(prompt.num_tokens, self.num_recent_probes,
+                                            self.num_random_probes, self.seed)
 
     def layer(self, state: StepState, inp: LayerInput) -> Choice:
         prompt = state.prompt
