@@ -16,6 +16,22 @@ def flash_attn_kv_views(kv_cache: torch.Tensor, head_size: int):
     return kv_cache.transpose(1, 2).split(head_size, dim=-1)
 
 
+def read_flash_kv(kv_cache: torch.Tensor, block_row: torch.Tensor, num_tokens: int,
+                  head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain K and V [num_tokens, num_kv_heads, head_size] of positions [0, num_tokens) of one
+    request from a FlashAttention layer cache, given its block-table row. FlashAttention's
+    order inside a block is plain (token, head, dim), so this is a block gather per view;
+    copies, the cache is only read. (vllm_kvsparse.attention.cache_read re-exports it.)"""
+    block_size = kv_cache.shape[2]
+    used = -(-num_tokens // block_size)
+    if used > block_row.numel():
+        raise ValueError(f"{num_tokens} tokens need {used} blocks, the row has "
+                         f"{block_row.numel()}")
+    blocks = block_row[:used].to(device=kv_cache.device, dtype=torch.long)
+    key_cache, value_cache = flash_attn_kv_views(kv_cache, head_size)
+    return tuple(c[blocks].flatten(0, 1)[:num_tokens] for c in (key_cache, value_cache))
+
+
 def compact_in_cache(key_cache: torch.Tensor, value_cache: torch.Tensor,
                      block_table: torch.Tensor, rows, block_size: int) -> None:
     """Move each row's kept prompt tokens before M (sel.indices[:F * block_size]) to the first
