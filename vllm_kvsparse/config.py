@@ -175,6 +175,11 @@ class SparsityConfig:
     def evicts(self) -> bool:
         return self.enabled and self.evict
 
+    def selects(self, num_prompt_tokens: int) -> bool:
+        """Whether a prompt of this length is prefilled sparse / compacted (else dense). The
+        attention builder and the scheduler's prefix-cache rule both ask this."""
+        return self.enabled and num_prompt_tokens >= self.min_prompt_len
+
     def layer_is_sparse(self, layer_idx: int) -> bool:
         return self.enabled and layer_idx not in self.exempt_layers
 

@@ -52,6 +52,13 @@ class KVSparseAttentionSpec(FullAttentionSpec):
 class KVSparseManager(FullAttentionManager):
     """Full-attention manager of one layer's group, plus eviction of a block range."""
 
+    def cache_blocks(self, request, num_tokens: int, *args, **kwargs) -> None:
+        """Publish no block of a request the plugin may compact (marked by the plugin's
+        scheduler): compaction rewrites its front blocks in place and frees the others."""
+        if getattr(request, "kvsparse_private", False):
+            return
+        super().cache_blocks(request, num_tokens, *args, **kwargs)
+
     def evict(self, request_id: str, first_block: int, last_block: int) -> int:
         """Free the request's logical blocks [first, last) (null block in their place, as vLLM's
         sliding-window managers do). Returns how many blocks went back to the pool."""

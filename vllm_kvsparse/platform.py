@@ -127,22 +127,16 @@ def apply(vllm_config, cfg: SparsityConfig, worker_cls: str) -> list[str]:
     metrics.ensure_stats_dir(cfg.method)  # before vLLM spawns the engine core and workers
     cache, sched = vllm_config.cache_config, vllm_config.scheduler_config
     changed = []
-    # Each prompt must be prefilled in one step: selection needs every prompt query and key
-    # in plain form (earlier chunks' K/V exist only in the paged cache, ISA-packed on CPU).
-    if sched.enable_chunked_prefill:
-        sched.enable_chunked_prefill = False
-        changed.append("chunked prefill off")
-    max_len = vllm_config.model_config.max_model_len
-    if sched.max_num_batched_tokens < max_len:
-        sched.max_num_batched_tokens = max_len
-        sched.max_num_scheduled_tokens = max_len
-        sched.max_num_encoder_input_tokens = max(sched.max_num_encoder_input_tokens, max_len)
-        sched.encoder_cache_size = max(sched.encoder_cache_size, max_len)
-        changed.append(f"max_num_batched_tokens={max_len}")
-    # A prefix-cache hit would skip the prefill step that selects tokens.
-    if cache.enable_prefix_caching:
+    # Chunked prefill and max_num_batched_tokens stay as the user or vLLM set them: a long
+    # prompt is prefilled chunk by chunk and selected at the step that completes it
+    # (attention/common.py). Prefix caching stays on with eviction: the plugin's scheduler
+    # keeps prompts the method may compact out of the prefix cache (scheduler.py). Without
+    # eviction there is no plugin scheduler, and a sparse prefill (zipvl, fastv) leaves K/V
+    # that differ from a dense prefill's in every prompt block: nothing may hit them.
+    if cache.enable_prefix_caching and not cfg.evicts:
         cache.enable_prefix_caching = False
-        changed.append("prefix caching off")
+        changed.append("prefix caching off (evict=false: sparse-prefilled blocks must not be "
+                       "shared)")
     if vllm_config.parallel_config.worker_cls == "auto":
         vllm_config.parallel_config.worker_cls = worker_cls
     if cfg.evicts and sched.scheduler_cls is None:

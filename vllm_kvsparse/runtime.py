@@ -51,12 +51,46 @@ class DeferredLayer:
     apply: Callable[[dict[str, Any]], None]
 
 
+class PartialPrompt:
+    """A prompt prefilled over several steps (chunked prefill). Each sparse layer keeps, from
+    the chunk that computes them, the query rows its method reads (`Policy.query_rows`): once
+    a chunk ran, its queries are gone, and the step that completes the prompt needs them."""
+
+    def __init__(self, rows: torch.Tensor):
+        self.rows = rows.long().cpu()                    # ascending prompt positions
+        self.queries: dict[int, torch.Tensor] = {}       # layer_idx -> [len(rows), H, D]
+
+    def keep(self, layer_idx: int, first: int, chunk_query: torch.Tensor) -> None:
+        """chunk_query [c, H, D]: the queries of positions [first, first + c)."""
+        kept = self.queries.get(layer_idx)
+        if kept is None:
+            kept = self.queries[layer_idx] = chunk_query.new_zeros(
+                (self.rows.numel(), *chunk_query.shape[1:]))
+        inside = (self.rows >= first) & (self.rows < first + chunk_query.shape[0])
+        if inside.any():
+            where = torch.nonzero(inside).flatten()
+            kept[where.to(kept.device)] = chunk_query[(self.rows[where] - first).to(kept.device)]
+
+    def assemble(self, layer_idx: int, first: int, chunk_query: torch.Tensor) -> torch.Tensor:
+        """The query [first + c, H, D] of positions [0, first + c): the kept rows before
+        `first`, zeros at the rows no method reads, then the completing chunk."""
+        full = chunk_query.new_zeros((first + chunk_query.shape[0], *chunk_query.shape[1:]))
+        kept = self.queries.get(layer_idx)
+        before = self.rows < first
+        if kept is not None and before.any():
+            full[self.rows[before].to(full.device)] = kept[before.to(kept.device)]
+        full[first:] = chunk_query
+        return full
+
+
 @dataclass
 class WorkerStep:
     """What lives from begin_step to end_step."""
 
     policy_states: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # req -> (policy, state)
     deferred: list[DeferredLayer] = field(default_factory=list)
+    fresh_partials: set[str] = field(default_factory=set)     # first chunk computed this step
+    completed_partials: set[str] = field(default_factory=set)  # last chunk computed this step
 
 
 class WorkerRuntime:
@@ -74,6 +108,7 @@ class WorkerRuntime:
         # block ranges to report to the scheduler after this step: req_id -> {layer: (first, last)}
         self._pending: dict[str, dict[int, tuple[int, int]]] = {}
         self._fallback_counted: set[str] = set()
+        self._partials: dict[str, PartialPrompt] = {}   # chunked prompts not yet complete
         self._unknown_rows_warned = False
         self.step = WorkerStep()
 
@@ -120,12 +155,30 @@ class WorkerRuntime:
             self.step.policy_states[req_id] = entry
         return entry[1]
 
+    def partial_prompt(self, req_id: str, fresh: bool,
+                       make_rows: Callable[[], torch.Tensor] | None) -> PartialPrompt:
+        """The request's chunked-prompt state; `fresh` (this step computes its first chunk)
+        starts it anew once per step (a preempted request starts over)."""
+        if fresh and req_id not in self.step.fresh_partials:
+            self.step.fresh_partials.add(req_id)
+            self._partials[req_id] = PartialPrompt(make_rows())
+        return self._partials[req_id]
+
+    def has_partial(self, req_id: str) -> bool:
+        return req_id in self._partials
+
+    def prompt_completed(self, req_id: str) -> None:
+        """The request's prompt is complete in this step: drop its state at the step's end."""
+        self.step.completed_partials.add(req_id)
+
     def defer(self, layer: DeferredLayer) -> None:
         self.step.deferred.append(layer)
 
     def end_step(self) -> None:
         """Decide the deferred layers (policy.finish once per request) and compact them."""
         step, self.step = self.step, WorkerStep()
+        for req_id in step.completed_partials:
+            self._partials.pop(req_id, None)
         if not step.deferred:
             return
         decisions: dict[str, dict[int, Any]] = {}
@@ -153,6 +206,8 @@ class WorkerRuntime:
         out, self._pending = self._pending, {}
         for req_id in [r for r in self._compacted if r not in live_req_ids]:
             del self._compacted[req_id]
+        for req_id in [r for r in self._partials if r not in live_req_ids]:
+            del self._partials[req_id]
         self._fallback_counted &= set(live_req_ids)
         return out
 

@@ -15,6 +15,7 @@ import logging
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from vllm_kvsparse import metrics
+from vllm_kvsparse.config import SparsityConfig
 from vllm_kvsparse.kv import KVSparseAttentionSpec, KVSparseModelRunnerOutput
 
 logger = logging.getLogger("vllm.kvsparse")
@@ -23,8 +24,20 @@ logger = logging.getLogger("vllm.kvsparse")
 class KVSparseScheduler(Scheduler):
     def __init__(self, vllm_config, *args, **kwargs):
         super().__init__(vllm_config, *args, **kwargs)
+        self.sparsity = SparsityConfig.from_additional_config(vllm_config.additional_config)
         # blocks freed are labelled with this engine's data-parallel rank
         metrics.sink("engine", engine=metrics.engine_index(vllm_config))
+
+    def add_request(self, request) -> None:
+        """Prefix caching with compaction: a prompt the method selects on is prefilled from
+        its first token (no prefix-cache hit: selection scores all of its keys, and
+        compaction rewrites its blocks in place) and publishes none of its blocks
+        (KVSparseManager.cache_blocks): no other request can hit a block compaction
+        rewrites or frees. Shorter prompts read and publish as in stock vLLM."""
+        if self.sparsity.selects(request.num_prompt_tokens):
+            request.skip_reading_prefix_cache = True
+            request.kvsparse_private = True
+        super().add_request(request)
 
     def update_from_output(self, scheduler_output, model_runner_output):
         if isinstance(model_runner_output, KVSparseModelRunnerOutput):

@@ -66,8 +66,11 @@ def main():
     params = SamplingParams(max_tokens=spec.get("max_tokens", 16), temperature=0.0,
                             ignore_eos=True)
     outs = llm.generate(build_prompts(spec), params, use_tqdm=False)
+    sched = llm.llm_engine.vllm_config.scheduler_config
     result = {"outputs": [list(o.outputs[0].token_ids) for o in outs],
-              "prompt_lens": [len(o.prompt_token_ids) for o in outs]}
+              "prompt_lens": [len(o.prompt_token_ids) for o in outs],
+              "scheduler": {"enable_chunked_prefill": sched.enable_chunked_prefill,
+                            "max_num_batched_tokens": sched.max_num_batched_tokens}}
     if spec.get("probe_workers"):
         result["workers"] = llm.collective_rpc(probe)
     json.dump(result, open(sys.argv[2], "w"))

@@ -446,3 +446,66 @@ def test_deferred_method_keeps_kv_whole_until_the_step_ends(tiny_model, tmp_path
             block, slot = table[0, j // BLOCK], j % BLOCK
             assert torch.equal(key_cache[block, slot], k[pos] * (layer_idx + 1))
             assert torch.equal(value_cache[block, slot], v[pos] * (layer_idx + 1))
+
+
+@pytest.mark.parametrize("method,options,chunks", [
+    ("zipvl", {"tau": 0.5, "num_recent_probes": 8, "num_random_probes": 8}, [40, 30, 30]),
+    ("zipvl", {"tau": 0.5, "num_recent_probes": 8, "num_random_probes": 8}, [17, 83]),
+    ("snapkv", {"budget": 0.3, "window": 8}, [50, 45, 5]),
+    ("vlcache", {"budget": 0.3}, [64, 36]),
+])
+def test_chunked_prompt_selects_as_one_step(tiny_model, tmp_path, monkeypatch, method, options,
+                                            chunks):
+    """A 100-token prompt prefilled in chunks through KVSparseFlashAttentionImpl.forward: the
+    earlier chunks run dense and keep only the method's query rows; the completing chunk reads
+    the earlier K/V back from FlashAttention's cache and selects exactly the set the same
+    prompt prefilled in one step selects; its sparse rows' outputs equal that step's rows; the
+    compacted cache and the eviction report are the same."""
+    from vllm.config import set_current_vllm_config
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadataBuilder
+
+    from vllm_kvsparse.attention import cuda as glue
+
+    config = engine_config(tiny_model, tmp_path, monkeypatch, method, options)
+    n, num_blocks = sum(chunks), 16
+    q, k, v = peaked_prompt(n, seed=5)
+    table = torch.tensor([[3, 9, 1, 12, 5, 7, 0, 15]], dtype=torch.int32)
+    # FlashAttention's kernel is CUDA-only: a marker stands in for vLLM's dense rows
+    monkeypatch.setattr(glue.FlashAttentionImpl, "forward",
+                        lambda self, *a, **kw: a[-1].fill_(7.0))
+    with set_current_vllm_config(config):
+        impl = glue.KVSparseFlashAttentionImpl(HEADS, HEAD_DIM, HEAD_DIM ** -0.5, KV_HEADS,
+                                               None, None, "auto")
+    layer = SimpleNamespace(layer_name=LAYER)
+    builder, rt = flash_builder(config), runtime.current()
+
+    def run(req_id, step_lens):
+        kv_cache = torch.zeros(num_blocks, KV_HEADS, BLOCK, 2 * HEAD_DIM)
+        key_cache, value_cache = glue.flash_attn_kv_views(kv_cache, HEAD_DIM)
+        out, done = torch.full_like(q, float("nan")), 0
+        for c in step_lens:
+            rt.begin_step()
+            for pos in range(done, done + c):   # what do_kv_cache_update wrote before forward
+                key_cache[table[0, pos // BLOCK], pos % BLOCK] = k[pos]
+                value_cache[table[0, pos // BLOCK], pos % BLOCK] = v[pos]
+            cm = common_metadata([c], [done + c], table)
+            plan = builder._plan(cm, [runtime.RequestRow(req_id, n, ((10, 60),))])
+            md = glue.KVSparseFlashAttentionMetadata.extend(
+                FlashAttentionMetadataBuilder.build(builder, 0, cm), plan, None)
+            s = slice(done, done + c)
+            impl.forward(layer, q[s], k[s], v[s], kv_cache, md, out[s])
+            rt.end_step()
+            done += c
+        return kv_cache, out, rt.take_evictions({req_id})
+
+    one_cache, one_out, one_ev = run("one", [n])
+    cache, out, ev = run("chunked", chunks)
+    records = {r["req_id"]: r for r in read_records(impl.sparsity.record_dir)}
+    assert 0 < len(records["one"]["kept"]) < n
+    assert records["chunked"]["kept"] == records["one"]["kept"]
+    assert ev["chunked"] == one_ev["one"]
+    assert torch.equal(cache, one_cache)
+    last = slice(n - chunks[-1], n)
+    torch.testing.assert_close(out[last], one_out[last], rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[:n - chunks[-1]], torch.full_like(out[:n - chunks[-1]], 7.0))
+    assert not rt.has_partial("chunked")        # the kept query rows went with the step

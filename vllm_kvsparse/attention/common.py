@@ -19,7 +19,14 @@ builder or impl (cpu.py: vLLM's CPU attention; cuda.py: vLLM's FlashAttention):
                                compact at the end of the step.
 
 vLLM writes the step's K/V into the paged cache before `forward` (`do_kv_cache_update`, on both
-backends), so the cache holds every prompt token when forward starts.
+backends), so the cache holds every prompt token computed so far when forward starts.
+
+Chunked prefill: a prompt split over steps runs dense (vLLM's kernel) until the step that
+completes it ("partial rows" before, a sparse row with `num_computed > 0` then). Each sparse
+layer keeps, from the chunk that computes them, the query rows its method reads
+(`Policy.query_rows`, runtime.PartialPrompt); at the completing step it reads the earlier
+chunks' K/V back from the paged cache (`_read_cached_kv`, device-specific), so the method sees
+the same probe queries and keys as in a one-step prefill and the rest is unchanged.
 """
 
 from __future__ import annotations
@@ -52,15 +59,33 @@ class SparseRow:
     end: int
     num_prompt: int
     visual_ranges: tuple[tuple[int, int], ...]
+    num_computed: int = 0   # positions [0, num_computed) were computed in earlier steps (chunks)
+
+    @property
+    def completes_prompt(self) -> bool:
+        return self.num_computed + self.end - self.start >= self.num_prompt
 
 
 @dataclass
 class StepPlan:
-    sparse_rows: list[SparseRow]
+    sparse_rows: list[SparseRow]        # rows whose prompt is complete after this step
     dense_md: Any | None                # vLLM metadata of the dense rows alone
     dense_rows: torch.Tensor | None     # their row indices in the batch
     dense_tokens: torch.Tensor | None   # their token indices in the batch
     block_size: int | None              # set when this layer evicts
+    partial_rows: list[SparseRow] = dataclasses.field(default_factory=list)
+    # ^ chunks of long prompts that later steps complete: dense now, probe query rows kept
+
+
+@dataclass
+class RowInputs:
+    """One sparse row's sequence so far, positions [0, t): the whole prompt (plus output
+    tokens recomputed after a preemption). Slices of the step's tensors when the prompt is
+    prefilled in one step; assembled from the cache and the kept query rows otherwise."""
+
+    query: torch.Tensor   # [t, H, D]; with chunking only the method's query rows are real
+    key: torch.Tensor     # [t, Hkv, D]
+    value: torch.Tensor
 
 
 @dataclass
@@ -166,24 +191,36 @@ class KVSparseBuilderMixin:
     def _plan(self, cm, rows) -> StepPlan | None:
         qsl = cm.query_start_loc_cpu.tolist()
         seq_lens = _host_seq_lens(cm)
-        sparse, dense = [], []
+        rt = runtime.current()
+        sparse, partial, dense = [], [], []
         for i, row in enumerate(rows):
             start, end = qsl[i], qsl[i + 1]
             num_computed = seq_lens[i] - (end - start)
-            whole_prompt_now = num_computed == 0 and end - start >= row.num_prompt_tokens
-            if whole_prompt_now and row.num_prompt_tokens >= self.sparsity.min_prompt_len:
-                sparse.append(SparseRow(i, row.req_id, start, end, row.num_prompt_tokens,
-                                        row.visual_ranges))
+            n = row.num_prompt_tokens
+            if num_computed >= n:              # decode, or recomputed outputs after the prompt
+                dense.append(i)
                 continue
-            dense.append(i)
-            if whole_prompt_now:
-                runtime.current().count_fallback_once(row.req_id, "short_prompt")
-            elif num_computed == 0:  # a prompt split over steps: selection needs it whole
-                runtime.current().count_fallback_once(row.req_id, "unsupported")
-        if not sparse:
+            srow = SparseRow(i, row.req_id, start, end, n, row.visual_ranges, num_computed)
+            selects = self.sparsity.selects(n)
+            if not selects or (num_computed > 0 and not rt.has_partial(row.req_id)):
+                dense.append(i)
+                if srow.completes_prompt:
+                    # a long prompt whose earlier chunks kept no query rows (none with the
+                    # plugin's scheduler: such prompts never read the prefix cache) is counted
+                    rt.count_fallback_once(row.req_id,
+                                           "unsupported" if selects else "short_prompt")
+            elif srow.completes_prompt:
+                sparse.append(srow)
+            else:                              # an earlier chunk: dense now, query rows kept
+                partial.append(srow)
+                dense.append(i)
+        if not sparse and not partial:
             return None
         block_size = self.block_size if self.evict_layer is not None else None
-        return StepPlan(sparse, *self._dense_metadata(cm, dense, qsl, seq_lens), block_size)
+        if not sparse:   # nothing to attend sparsely: vLLM's kernel runs every row
+            return StepPlan([], None, None, None, block_size, partial)
+        return StepPlan(sparse, *self._dense_metadata(cm, dense, qsl, seq_lens), block_size,
+                        partial)
 
     def _dense_metadata(self, cm, dense: list[int], qsl: list[int], seq_lens_host: list[int]):
         """vLLM metadata for a subset of the rows (their tokens gathered contiguously)."""
@@ -249,15 +286,20 @@ class KVSparseImplMixin:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                    output_scale, output_block_scale)
         rt = runtime.current()
+        block_table = attn_metadata.block_table
+        for row in plan.partial_rows:
+            self._keep_query_rows(rt, sparsity, row, query, key.shape[1])
+        inputs = [self._row_inputs(rt, layer, row, query, key, value, kv_cache, block_table)
+                  for row in plan.sparse_rows]
         # Decide first: rows the method attends sparsely get the sparse kernel; every other row
-        # (decode, short prompts, dense-prefill methods, keep-all selections) runs through
-        # vLLM's kernel, so its output is bit-identical to stock vLLM.
-        selections = [sparsity.decide(rt, row, query[row.start:row.end],
-                                      key[row.start:row.end], plan.block_size)
-                      for row in plan.sparse_rows]
-        sparse = [(row, sel) for row, sel in zip(plan.sparse_rows, selections)
+        # (decode, short prompts, earlier chunks, dense-prefill methods, keep-all selections)
+        # runs through vLLM's kernel, so its output is bit-identical to stock vLLM.
+        selections = [sparsity.decide(rt, row, inp.query, inp.key, plan.block_size)
+                      for row, inp in zip(plan.sparse_rows, inputs)]
+        sparse = [(row, sel, inp) for row, sel, inp in zip(plan.sparse_rows, selections, inputs)
                   if sel is not None and sel.sparse_attention]
-        if len(sparse) < len(plan.sparse_rows):    # vLLM's kernel for every row, then overwrite
+        if not sparse or len(sparse) < len(plan.sparse_rows):
+            # vLLM's kernel for every row (sparse rows' outputs are overwritten below)
             super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
         elif plan.dense_md is not None:            # vLLM's kernel for the dense rows only
             tokens = plan.dense_tokens
@@ -266,61 +308,83 @@ class KVSparseImplMixin:
                             plan.dense_md, dense_out)
             output[tokens] = dense_out
         kernel = self._sparse_kernel(layer, kv_cache) if sparse else None
-        for row, sel in sparse:
-            s, e = row.start, row.end
-            output[s:e] = sparsity.attend(sel, query[s:e], key[s:e], value[s:e], kernel=kernel)
+        for row, sel, inp in sparse:
+            out = sparsity.attend(sel, inp.query, inp.key, inp.value, kernel=kernel)
+            output[row.start:row.end] = out[row.num_computed:]
         if plan.block_size is None:
             return output
-        for row, sel in zip(plan.sparse_rows, selections):
-            recomputed = sel is not None and row.end - row.start > sel.num_prompt
-            if recomputed and not sel.sparse_attention:
+        for row, sel, inp in zip(plan.sparse_rows, selections, inputs):
+            t = row.num_computed + row.end - row.start
+            if sel is not None and t > sel.num_prompt and not sel.sparse_attention:
                 # A recomputed request (preempted): its output tokens decoded over the kept set.
                 # (Deferred methods decide only after every layer: their recomputed output
                 # tokens attend over the whole prompt in this one step.)
-                s, p, e = row.start, row.start + sel.num_prompt, row.end
-                output[p:e] = sparsity.attend_outputs_after_prompt(sel, query[s:e], key[s:e],
-                                                                   value[s:e])
+                tail = sparsity.attend_outputs_after_prompt(sel, inp.query, inp.key, inp.value)
+                output[row.end - tail.shape[0]:row.end] = tail
         # After every read of this layer's cache in this step: compact, then report.
-        decided = [(row, sel) for row, sel in zip(plan.sparse_rows, selections)
+        decided = [(row, sel, inp) for row, sel, inp in zip(plan.sparse_rows, selections, inputs)
                    if sel is not None]
-        self._compact_and_note(rt, layer, decided, key, value, kv_cache,
-                               attn_metadata.block_table, plan.block_size)
-        waiting = [row for row, sel in zip(plan.sparse_rows, selections) if sel is None]
+        self._compact_and_note(rt, layer, decided, kv_cache, block_table, plan.block_size)
+        waiting = [(row, inp) for row, sel, inp in zip(plan.sparse_rows, selections, inputs)
+                   if sel is None]
         if waiting:
-            self._defer(rt, layer, waiting, key, value, kv_cache, attn_metadata.block_table,
-                        plan.block_size, query.shape[1])
+            self._defer(rt, layer, waiting, kv_cache, block_table, plan.block_size,
+                        query.shape[1])
         return output
 
-    def _compact_and_note(self, rt, layer, rows, key, value, kv_cache, block_table,
-                          block_size) -> None:
+    def _keep_query_rows(self, rt, sparsity: LayerSparsity, row: SparseRow,
+                         query: torch.Tensor, num_kv_heads: int) -> None:
+        """An earlier chunk of a long prompt: keep the query rows the method will read."""
+        partial = rt.partial_prompt(
+            row.req_id, fresh=row.num_computed == 0,
+            make_rows=lambda: sparsity.policy.query_rows(
+                sparsity.prompt_info(row, query.shape[1], num_kv_heads)))
+        partial.keep(sparsity.layer_idx, row.num_computed, query[row.start:row.end])
+
+    def _row_inputs(self, rt, layer, row: SparseRow, query, key, value, kv_cache,
+                    block_table) -> RowInputs:
+        s, e = row.start, row.end
+        if row.num_computed == 0:
+            return RowInputs(query[s:e], key[s:e], value[s:e])
+        # The completing chunk of a chunked prompt: earlier positions' K/V from the cache,
+        # their query rows from what the earlier chunks kept.
+        c = row.num_computed
+        cached_key, cached_value = self._read_cached_kv(layer, kv_cache, block_table[row.row], c)
+        partial = rt.partial_prompt(row.req_id, fresh=False, make_rows=None)
+        full_query = partial.assemble(self._layer_sparsity.layer_idx, c, query[s:e])
+        rt.prompt_completed(row.req_id)
+        return RowInputs(full_query, torch.cat([cached_key.to(key.dtype), key[s:e]]),
+                         torch.cat([cached_value.to(value.dtype), value[s:e]]))
+
+    def _compact_and_note(self, rt, layer, rows, kv_cache, block_table, block_size) -> None:
         if not rows:
             return
-        self._compact_rows(layer, rows, key, value, kv_cache, block_table, block_size)
-        for row, sel in rows:
+        self._compact_rows(layer, rows, kv_cache, block_table, block_size)
+        for row, sel, _ in rows:
             rt.note_compaction(row.req_id, self._layer_sparsity.layer_idx, sel.front_blocks,
                                sel.prompt_blocks)
 
-    def _defer(self, rt, layer, rows, key, value, kv_cache, block_table, block_size,
-               num_heads) -> None:
+    def _defer(self, rt, layer, rows, kv_cache, block_table, block_size, num_heads) -> None:
         """The method decides these rows only after every layer (VL-Cache, AirCache): keep
         this layer's K/V whole until the end of the step, then compact. CPU re-writes kept
-        tokens from the step's K/V, so those are copied (the prompt's K/V of every such layer
-        lives until the step ends: the methods' documented dense peak); CUDA moves them inside
-        the cache, which outlives the step."""
+        tokens from the rows' plain K/V, so those are copied (the prompt's K/V of every such
+        layer lives until the step ends: the methods' documented dense peak); CUDA moves them
+        inside the cache, which outlives the step."""
         if self.compaction_reads_step_kv:
-            key, value = key.clone(), value.clone()
+            rows = [(row, RowInputs(None, inp.key.clone(), inp.value.clone()))
+                    for row, inp in rows]
         block_table = block_table.clone()
         sparsity = self._layer_sparsity
-        head_dim = key.shape[-1]
+        head_dim = rows[0][1].key.shape[-1]
 
         def apply(choices) -> None:
             decided = [(row, sparsity.selection(row, choices[row.req_id], block_size, 0.0,
-                                                num_heads, head_dim, rt.tp_rank))
-                       for row in rows]
-            self._compact_and_note(rt, layer, decided, key, value, kv_cache, block_table,
-                                   block_size)
+                                                num_heads, head_dim, rt.tp_rank), inp)
+                       for row, inp in rows]
+            self._compact_and_note(rt, layer, decided, kv_cache, block_table, block_size)
 
-        rt.defer(runtime.DeferredLayer(sparsity.layer_idx, [row.req_id for row in rows], apply))
+        rt.defer(runtime.DeferredLayer(sparsity.layer_idx, [row.req_id for row, _ in rows],
+                                       apply))
 
     def _sparse_kernel(self, layer, kv_cache):
         """The backend's token-sparse attention ``(query, key, value, indices, scale) -> out``
@@ -328,10 +392,15 @@ class KVSparseImplMixin:
         (layer_sparsity._sparse_attention: Triton on CUDA)."""
         return None
 
-    def _compact_rows(self, layer, rows: list[tuple[SparseRow, RowSelection]], key, value,
+    def _compact_rows(self, layer, rows: list[tuple[SparseRow, RowSelection, RowInputs]],
                       kv_cache, block_table, block_size) -> None:
         """Make blocks [0, F) of each row's request hold its kept prompt tokens before
         M = prompt_blocks * block_size, in order (sel.indices[:F * block_size])."""
+        raise NotImplementedError
+
+    def _read_cached_kv(self, layer, kv_cache, block_row, num_tokens: int):
+        """Plain (key, value) [num_tokens, Hkv, D] of positions [0, num_tokens) of one request
+        from this layer's paged cache (block_row: its block-table row)."""
         raise NotImplementedError
 
     def _record_decode(self, layer, query, key, value, output, attn_metadata) -> None:

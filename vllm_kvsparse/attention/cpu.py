@@ -17,7 +17,7 @@ from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttenti
 
 from vllm import _custom_ops as ops
 
-from vllm_kvsparse.attention import cpu_kernel
+from vllm_kvsparse.attention import cache_read, cpu_kernel
 from vllm_kvsparse.attention.common import (KVSparseBuilderMixin, KVSparseImplMixin,
                                             KVSparseMetadataFields)
 
@@ -69,22 +69,29 @@ class KVSparseCPUAttentionImpl(KVSparseImplMixin, CPUAttentionBackendImpl):
         kernel.name = f"vllm-cpu-attn:{spec.isa}"
         return kernel
 
-    def _compact_rows(self, layer, rows, key, value, kv_cache, block_table, block_size) -> None:
+    def _compact_rows(self, layer, rows, kv_cache, block_table, block_size) -> None:
         """The CPU cache's element order inside a block is ISA-specific (vLLM 0.32's
-        cpu_attn.py packs it per ISA for its kernels), so the kept tokens are re-written through vLLM's own cache-write op from the
-        plain K/V of this step rather than moved inside the cache."""
+        cpu_attn.py packs it per ISA for its kernels), so the kept tokens are re-written
+        through vLLM's own cache-write op from the rows' plain K/V rather than moved inside
+        the cache."""
         num_blocks, num_kv_heads, _, _ = kv_cache.shape
         key_cache, value_cache = kv_cache.view(
             num_blocks, num_kv_heads, block_size * 2, -1).chunk(2, dim=2)
-        for row, sel in rows:
+        for row, sel, inp in rows:
             front = sel.front_blocks
             if front >= sel.prompt_blocks:
                 continue
-            kept_front = sel.indices[:front * block_size].to(key.device) + row.start
-            slots = torch.arange(front * block_size, device=key.device)
+            kept_front = sel.indices[:front * block_size].to(inp.key.device)
+            slots = torch.arange(front * block_size, device=inp.key.device)
             slots = block_table[row.row, slots // block_size].long() * block_size \
                 + slots % block_size
             ops.cpu_attn_reshape_and_cache(
-                key[kept_front], value[kept_front], key_cache, value_cache, slots, layer.isa,
-                k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
+                inp.key[kept_front], inp.value[kept_front], key_cache, value_cache, slots,
+                layer.isa, k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
                 kv_cache_dtype=self.kv_cache_dtype)
+
+    def _read_cached_kv(self, layer, kv_cache, block_row, num_tokens: int):
+        """Earlier chunks' K/V, read back in the layout vLLM's cache-write op produced for
+        this layer's ISA (cache_read.py learns it from that op)."""
+        return cache_read.read_cpu_kv(kv_cache, block_row, num_tokens, layer.isa,
+                                      kv_cache.shape[2])

@@ -27,7 +27,8 @@ from vllm.v1.attention.backends.flash_attn import (FlashAttentionBackend, FlashA
 
 from vllm_kvsparse.attention.common import (KVSparseBuilderMixin, KVSparseImplMixin,
                                             KVSparseMetadataFields, sparsity_from)
-from vllm_kvsparse.attention.flash_cache import compact_in_cache, flash_attn_kv_views
+from vllm_kvsparse.attention.flash_cache import (compact_in_cache, flash_attn_kv_views,
+                                                 read_flash_kv)
 
 __all__ = ["KVSparseFlashAttentionBackend", "KVSparseFlashAttentionImpl",
            "KVSparseFlashAttentionMetadata", "KVSparseFlashAttentionMetadataBuilder",
@@ -78,6 +79,11 @@ class KVSparseFlashAttentionImpl(KVSparseImplMixin, FlashAttentionImpl):
         super().__init__(*args, **kwargs)
         self._init_sparsity()
 
-    def _compact_rows(self, layer, rows, key, value, kv_cache, block_table, block_size) -> None:
+    def _compact_rows(self, layer, rows, kv_cache, block_table, block_size) -> None:
         key_cache, value_cache = flash_attn_kv_views(kv_cache, self.head_size)
-        compact_in_cache(key_cache, value_cache, block_table, rows, block_size)
+        compact_in_cache(key_cache, value_cache, block_table,
+                         [(row, sel) for row, sel, _ in rows], block_size)
+
+    def _read_cached_kv(self, layer, kv_cache, block_row, num_tokens: int):
+        """Earlier chunks' K/V: FlashAttention's cache is plain [block, slot, head, dim]."""
+        return read_flash_kv(kv_cache, block_row, num_tokens, self.head_size)

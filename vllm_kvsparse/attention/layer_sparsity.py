@@ -57,12 +57,8 @@ class LayerSparsity:
         defers the decision to the end of the step."""
         n = row.num_prompt
         t0 = time.perf_counter()
-
-        def prompt():
-            mask = visual_mask(n, row.visual_ranges) if row.visual_ranges else None
-            return PromptInfo(n, mask, self.cfg.num_layers, query.shape[1], key.shape[1])
-
-        state = runtime.policy_state(row.req_id, self.policy, prompt)
+        state = runtime.policy_state(
+            row.req_id, self.policy, lambda: self.prompt_info(row, query.shape[1], key.shape[1]))
         choice = self.policy.layer(state, LayerInput(
             self.layer_idx, query[:n], key[:n], self.scale,
             scores_fn=_fused_probe_scores if query.is_cuda else None,
@@ -72,6 +68,12 @@ class LayerSparsity:
         return self.selection(row, choice, block_size, time.perf_counter() - t0,
                               num_heads=query.shape[1], head_dim=query.shape[2],
                               tp_rank=runtime.tp_rank)
+
+    def prompt_info(self, row, num_heads: int, num_kv_heads: int) -> PromptInfo:
+        """What the policy knows of one request's prompt (heads: this rank's)."""
+        n = row.num_prompt
+        mask = visual_mask(n, row.visual_ranges) if row.visual_ranges else None
+        return PromptInfo(n, mask, self.cfg.num_layers, num_heads, num_kv_heads)
 
     def selection(self, row, choice: Choice, block_size: int | None, seconds: float,
                   num_heads: int, head_dim: int, tp_rank: int = 0) -> RowSelection:
