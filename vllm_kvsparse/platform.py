@@ -102,6 +102,16 @@ def check_supported(vllm_config, cfg: SparsityConfig, worker_cls: str) -> None:
         problems.append("speculative decoding (not supported)")
     if vllm_config.model_config.use_mla:
         problems.append("an MLA model (only standard multi-head/GQA attention is supported)")
+    sched, max_len = vllm_config.scheduler_config, vllm_config.model_config.max_model_len
+    cache_dtype = str(vllm_config.cache_config.cache_dtype)
+    if cache_dtype.startswith("fp8") and sched.enable_chunked_prefill \
+            and sched.max_num_batched_tokens < max_len:
+        # the completing chunk's selection reads the earlier chunks' K/V from the cache
+        problems.append(
+            f"--kv-cache-dtype={cache_dtype} with chunked prefill (a prompt longer than "
+            f"--max-num-batched-tokens={sched.max_num_batched_tokens} is prefilled in chunks, "
+            "and an fp8 cache does not hold the plain K/V of the earlier chunks that selection "
+            f"reads; use --kv-cache-dtype auto or --max-num-batched-tokens {max_len})")
     if vllm_config.kv_transfer_config is not None:
         problems.append("a KV connector (not supported)")
     if pc.worker_cls not in ("auto", worker_cls):
