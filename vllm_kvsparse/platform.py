@@ -169,10 +169,13 @@ def log_settings(cfg: SparsityConfig, changed: list[str]) -> None:
 class KVSparsePlatformMixin:
     """The hooks both platforms share; placed before vLLM's platform class in the MRO.
 
-    Subclasses set `kvsparse_worker_cls` and may extend `_check_platform` and `_adjust` (the
-    latter runs after vLLM's own `check_and_update_config`)."""
+    Subclasses set `kvsparse_worker_cls` (the worker when a method is on), may set
+    `none_worker_cls` (the worker with `--kv-sparsity none` unless `--worker-cls` is given; ""
+    keeps vLLM's) and may extend `_check_platform` and `_adjust` (the latter runs after vLLM's
+    own `check_and_update_config`)."""
 
     kvsparse_worker_cls: str = ""
+    none_worker_cls: str = ""
 
     @classmethod
     def pre_register_and_update(cls, parser=None) -> None:
@@ -192,6 +195,10 @@ class KVSparsePlatformMixin:
                 sys.exit(f"vllm serve: error: {e}")
             raise
         changed = apply(vllm_config, cfg, cls.kvsparse_worker_cls)
+        if not cfg.enabled and cls.none_worker_cls \
+                and vllm_config.parallel_config.worker_cls == "auto":
+            # vLLM's worker plus workarounds of vLLM bugs only (platform_cpu.py says which).
+            vllm_config.parallel_config.worker_cls = cls.none_worker_cls
         block_size_was_set = vllm_config.cache_config.user_specified_block_size
         super().check_and_update_config(vllm_config)
         if cfg.enabled:

@@ -1,6 +1,7 @@
 """The plugin's CPU platform: vLLM 0.32's CpuPlatform plus the `--kv-sparsity` flags
 (the shared hooks are in platform.KVSparsePlatformMixin). CPU adds a finer KV block size with
-eviction."""
+eviction, and with `--kv-sparsity none` a worker that only works around a vLLM 0.32 CPU crash
+(seeded requests with chunked prefill; chunked_seed.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,11 @@ class KVSparseCpuPlatform(KVSparsePlatformMixin, CpuPlatform):
     """vLLM's CPU platform with the plugin's flags and start-up checks."""
 
     kvsparse_worker_cls = "vllm_kvsparse.cpu_worker.KVSparseCPUWorker"
+    # With --kv-sparsity none (or the plugin merely installed): vLLM's CPUWorker plus only the
+    # workaround for vLLM 0.32's crash on seeded requests with chunked prefill (chunked_seed.py),
+    # which the sparse worker carries too. Outputs are stock vLLM's wherever stock vLLM does
+    # not crash.
+    none_worker_cls = "vllm_kvsparse.cpu_worker.ChunkedSeedCPUWorker"
 
     @classmethod
     def _adjust(cls, vllm_config, cfg, changed, block_size_was_set) -> None:
