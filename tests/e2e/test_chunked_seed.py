@@ -16,10 +16,10 @@ sampling path with no discarded step. The seeded output of that repeat is the re
 - with the plugin, two worker routes, one server each:
   `none`: `--kv-sparsity none` (the plugin merely installed): the platform sets
           `cpu_worker.ChunkedSeedCPUWorker` (vLLM's CPUWorker plus the workaround);
-  `sparse-worker`: `--kv-sparsity none --worker-cls vllm_kvsparse.cpu_worker.KVSparseCPUWorker`,
-          the worker every sparsity method runs (KVSparseWorkerMixin over the workaround over
-          vLLM's CPUWorker). A sparsity method itself cannot be used here: the platform turns
-          chunked prefill off for it, so no prompt is chunked.
+  `snapkv`: `--kv-sparsity snapkv` with min_prompt_len above these prompts, so they run
+          dense and still read/publish the prefix cache: the worker every sparsity method runs
+          (KVSparseCPUWorker: KVSparseWorkerMixin over the workaround over vLLM's CPUWorker).
+          A seeded chunked prompt that a method does compact: tests/e2e/test_prefix_caching.py.
   The crashing request succeeds, its tokens equal the one-step repeat's (and stock vLLM's
   one-step output), the server keeps answering, and a second seed gives other tokens.
 """
@@ -41,8 +41,10 @@ CHUNK = 512
 ARGS = ["--max-num-batched-tokens", str(CHUNK)]
 ROUTES = {
     "none": ["--kv-sparsity", "none"],
-    "sparse-worker": ["--kv-sparsity", "none",
-                      "--worker-cls", "vllm_kvsparse.cpu_worker.KVSparseCPUWorker"],
+    # a real method, on prompts below its min_prompt_len (dense, so the prefix-cache reference
+    # below works); block size 128 as the others (eviction would pick 32)
+    "snapkv": ["--kv-sparsity", "snapkv", "--kv-sparsity-config", '{"min_prompt_len": 4096}',
+               "--block-size", "128"],
 }
 CRASH = "RuntimeError: CPU Generator does not use offset"
 SAMPLED = {"temperature": 0.8, "seed": 0}

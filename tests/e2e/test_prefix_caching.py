@@ -14,6 +14,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import requests
 from helpers import VllmServer, image_data_url, make_image
 from test_metrics import scrape, value
 
@@ -102,3 +103,25 @@ def test_no_leak_after_200_mixed_requests(servers):
         value(before, "vllm:prefix_cache_hits_total")                    # short ones hit
     assert value(after, "kvsparse_kv_blocks_freed_total") > \
         value(before, "kvsparse_kv_blocks_freed_total")
+
+
+def test_seeded_sampled_chunked_prompt_is_compacted_and_reproducible(servers):
+    """vLLM 0.32's CPU crash on seeded chunked prompts (chunked_seed.py) with a prompt the
+    method compacts: answered, twice the same tokens (neither run reads the prefix cache)."""
+    cached, _ = servers
+    client = cached.client()
+    model = client.models.list().data[0].id
+    img = make_image(seed=21)
+    before = scrape(cached.url)
+
+    def sampled():
+        return client.chat.completions.create(
+            model=model, max_tokens=8, temperature=0.8, seed=3,
+            messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": image_data_url(img)}},
+                {"type": "text", "text": "Tell me a story about it."}]}]).choices[0].message.content
+
+    assert sampled() == sampled()
+    assert value(scrape(cached.url), "kvsparse_kv_blocks_freed_total") > \
+        value(before, "kvsparse_kv_blocks_freed_total")
+    assert requests.get(cached.url + "/health", timeout=10).status_code == 200
