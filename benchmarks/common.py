@@ -59,7 +59,8 @@ def model_cli_args(spec: dict) -> list[str]:
     return ["--layers", str(spec["layers"]), "--hidden-size", str(spec["hidden_size"]),
             "--num-heads", str(spec["num_heads"]), "--num-kv-heads", str(spec["num_kv_heads"]),
             "--qk-scale", str(spec["qk_scale"]),
-            "--max-position-embeddings", str(spec["max_position_embeddings"])]
+            "--max-position-embeddings", str(spec["max_position_embeddings"]),
+            *(["--max-pixels", str(spec["max_pixels"])] if "max_pixels" in spec else [])]
 
 
 def ensure_model(out_dir: Path, spec: dict) -> dict:
