@@ -29,9 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 # Engine settings shared by every mode: the only difference between dense and zipvl is
-# additional_config. zipvl forces chunked prefill and prefix caching off and a batch token
-# budget >= max_model_len; dense gets the same explicitly, so both prefill a prompt in one step
-# and no repeated prompt is served from a prefix cache.
+# additional_config. Both get chunked prefill and prefix caching off and a batch token budget
+# of max_model_len explicitly, so both prefill a prompt in one step (the setting these
+# benchmarks measure; chunked serving: chunked_prefill.py) and no repeated prompt is served
+# from a prefix cache.
 def engine_kwargs(model: str, max_model_len: int, kv_cache_bytes: int, max_num_seqs: int,
                   block_size: int = 32) -> dict:
     return dict(model=model, dtype="bfloat16", max_model_len=max_model_len,
