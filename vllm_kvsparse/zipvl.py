@@ -383,9 +383,12 @@ def select_important_tokens_varlen(query: torch.Tensor, key: torch.Tensor,
 
 def sparse_prefill_attention_reference(query: torch.Tensor, key: torch.Tensor,
                                        value: torch.Tensor, indices: torch.Tensor,
-                                       scale: float | None = None) -> torch.Tensor:
+                                       scale: float | None = None,
+                                       first_row: int = 0) -> torch.Tensor:
     """Token-sparse causal attention (step 8): queries in ``indices`` attend to keys in
     ``indices`` at original positions <= their own. Rows not in ``indices`` are zero.
+    ``first_row`` > 0 computes only the query rows at positions >= first_row (the last chunk
+    of a chunked prefill; the earlier rows ran before) and leaves the others zero.
 
     query [n, H, d], key [n, Hkv, d], value [n, Hkv, dv], indices LongTensor [t] ascending.
     fp32 math, output [n, H, dv] in query's dtype. Implemented as gather -> causal SDPA on the
@@ -407,8 +410,16 @@ def sparse_prefill_attention_reference(query: torch.Tensor, key: torch.Tensor,
         return out
     # [1, h, t, d]: SDPA's fused (flash) CPU kernel only takes 4-D inputs; 3-D ones fall back
     # to the math path, which builds the [h, t, t] score matrix (10x slower, O(h t^2) memory).
-    q, k, v = (x[indices].float().transpose(0, 1).unsqueeze(0) for x in (query, key, value))
+    rows = indices if first_row <= 0 else indices[indices >= first_row]
+    if rows.numel() == 0:
+        return out
+    q = query[rows].float().transpose(0, 1).unsqueeze(0)
+    k, v = (x[indices].float().transpose(0, 1).unsqueeze(0) for x in (key, value))
+    if rows.numel() == indices.numel():
+        causal = {"is_causal": True}
+    else:   # a suffix of the kept rows over all kept keys: causal by original position
+        causal = {"attn_mask": indices[None, :] <= rows[:, None]}
     attn = torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, is_causal=True, scale=scale, enable_gqa=num_heads != num_kv_heads)
-    out[indices] = attn[0].transpose(0, 1).to(query.dtype)
+        q, k, v, scale=scale, enable_gqa=num_heads != num_kv_heads, **causal)
+    out[rows] = attn[0].transpose(0, 1).to(query.dtype)
     return out

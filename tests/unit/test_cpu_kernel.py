@@ -118,3 +118,24 @@ def test_kernel_choice(monkeypatch):
     monkeypatch.setenv(cpu_kernel.KERNEL_ENV, "bogus")
     with pytest.raises(ValueError, match="valid values"):
         cpu_kernel.choose_kernel("amx")
+
+
+@pytest.mark.parametrize("first_row", [0, 1, 333, 700, 999, 1000])
+def test_first_row_computes_only_the_last_chunks_rows(first_row):
+    """The completing chunk of a chunked prefill (first_row = positions computed earlier):
+    rows from first_row on equal the full computation, on vLLM's kernel and on the torch
+    reference; rows before are zero."""
+    n, d = 1000, 64
+    q, k, v = qkv(n, 16, 4, d, 7, peak=3.0)
+    g = torch.Generator().manual_seed(8)
+    idx = torch.sort(torch.randperm(n, generator=g)[:400]).values
+    spec = cpu_kernel.default_spec(torch.bfloat16, d)
+    full_ref = zipvl.sparse_prefill_attention_reference(q.float(), k.float(), v.float(), idx,
+                                                        d ** -0.5)
+    ref = zipvl.sparse_prefill_attention_reference(q.float(), k.float(), v.float(), idx,
+                                                   d ** -0.5, first_row=first_row)
+    out = cpu_kernel.sparse_prefill_attention(q, k, v, idx, d ** -0.5, spec,
+                                              first_row=first_row)
+    torch.testing.assert_close(ref[first_row:], full_ref[first_row:], rtol=1e-5, atol=1e-6)
+    assert not ref[:first_row].any() and not out[:first_row].any()
+    assert_bf16_close(out[first_row:], full_ref[first_row:], v)

@@ -309,7 +309,8 @@ class KVSparseImplMixin:
             output[tokens] = dense_out
         kernel = self._sparse_kernel(layer, kv_cache) if sparse else None
         for row, sel, inp in sparse:
-            out = sparsity.attend(sel, inp.query, inp.key, inp.value, kernel=kernel)
+            out = sparsity.attend(sel, inp.query, inp.key, inp.value, kernel=kernel,
+                                  first_row=row.num_computed)
             output[row.start:row.end] = out[row.num_computed:]
         if plan.block_size is None:
             return output
@@ -387,7 +388,8 @@ class KVSparseImplMixin:
                                        apply))
 
     def _sparse_kernel(self, layer, kv_cache):
-        """The backend's token-sparse attention ``(query, key, value, indices, scale) -> out``
+        """The backend's token-sparse attention
+        ``(query, key, value, indices, scale, first_row=0) -> out``
         (contract of zipvl.sparse_prefill_attention_reference), or None for the default
         (layer_sparsity._sparse_attention: Triton on CUDA)."""
         return None

@@ -73,10 +73,12 @@ def default_spec(dtype: torch.dtype, head_dim: int, block_size: int = 32) -> CPU
 
 def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
                      spec: CPUKernelSpec) -> torch.Tensor:
-    """Causal self-attention of one packed sequence (query [t, H, d], key/value [t, Hkv, d])
-    by vLLM's CPU kernel over a scratch paged cache. Returns [t, H, d] in query's dtype."""
-    t, num_heads, head_dim = query.shape
-    num_kv_heads = key.shape[1]
+    """Causal self-attention of one packed sequence (key/value [t, Hkv, d]) by vLLM's CPU
+    kernel over a scratch paged cache, for its last r query rows (query [r, H, d], r <= t: the
+    kernel's chunked-prefill alignment, row i sees keys 0..t-r+i). Returns [r, H, d] in
+    query's dtype."""
+    r, num_heads, head_dim = query.shape
+    t, num_kv_heads = key.shape[:2]
     bs = spec.block_size
     num_blocks = (t + bs - 1) // bs
     cache = torch.empty(num_blocks, num_kv_heads, 2 * bs, head_dim, dtype=spec.cache_dtype)
@@ -88,7 +90,7 @@ def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                                    torch.arange(t, dtype=torch.int64), spec.isa,
                                    k_scale=spec.k_scale, v_scale=spec.v_scale,
                                    kv_cache_dtype=spec.kv_cache_dtype)
-    qsl = torch.tensor([0, t], dtype=torch.int32)
+    qsl = torch.tensor([0, r], dtype=torch.int32)
     seq_lens = torch.tensor([t], dtype=torch.int32)
     block_table = torch.arange(num_blocks, dtype=torch.int32)[None, :]
     sched = ops.cpu_attn_get_scheduler_metadata(
@@ -109,14 +111,17 @@ def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 
 def sparse_prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              indices: torch.Tensor, scale: float,
-                             spec: CPUKernelSpec) -> torch.Tensor:
+                             spec: CPUKernelSpec, first_row: int = 0) -> torch.Tensor:
     """Token-sparse causal attention (ZipVL step 8) of one sequence by vLLM's CPU kernel:
     rows in ``indices`` (ascending) attend to the rows of ``indices`` at positions <= their
-    own; other rows are zero. Same contract as ``zipvl.sparse_prefill_attention_reference``."""
+    own; other rows are zero; with ``first_row``, only rows at positions >= first_row (a
+    suffix of the kept set) are computed. Same contract as
+    ``zipvl.sparse_prefill_attention_reference``."""
     n, num_heads, _ = query.shape
     out = torch.zeros(n, num_heads, value.shape[2], dtype=query.dtype, device=query.device)
-    if indices.numel() == 0:
-        return out
     indices = indices.to(query.device).long()
-    out[indices] = causal_attention(query[indices], key[indices], value[indices], scale, spec)
+    rows = indices if first_row <= 0 else indices[indices >= first_row]
+    if rows.numel() == 0:
+        return out
+    out[rows] = causal_attention(query[rows], key[indices], value[indices], scale, spec)
     return out

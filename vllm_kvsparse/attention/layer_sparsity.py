@@ -100,23 +100,25 @@ class LayerSparsity:
                             prompt_blocks)
 
     def attend(self, sel: RowSelection, query: torch.Tensor, key: torch.Tensor,
-               value: torch.Tensor, kernel=None) -> torch.Tensor:
+               value: torch.Tensor, kernel=None, first_row: int = 0) -> torch.Tensor:
         """Attention output [t, H, D] of one request: prompt rows in T attend to T (causal by
         original position), other prompt rows are zero. Rows past the prompt (output tokens
         recomputed after a preemption) attend as decoding did: over T and the output tokens
         when eviction is on, over everything otherwise.
 
-        ``kernel(query, key, value, indices, scale)`` is the backend's sparse attention (CPU:
-        vLLM's own kernel over the kept rows, attention/cpu_kernel.py); None: the Triton kernel
-        on CUDA tensors, the torch reference on CPU ones."""
+        ``kernel(query, key, value, indices, scale, first_row=...)`` is the backend's sparse
+        attention (CPU: vLLM's own kernel over the kept rows, attention/cpu_kernel.py); None:
+        the Triton kernel on CUDA tensors, the torch reference on CPU ones. ``first_row``: rows
+        before it ran in earlier chunks; only rows from it on are needed (the others may be
+        left zero)."""
         n, t = sel.num_prompt, query.shape[0]
         out = torch.empty_like(query)
         if self.cfg.evicts or t == n:
             out[:] = _sparse_attention(query, key, value, sel.kept_and_outputs(t, query.device),
-                                       self.scale, kernel=kernel)
+                                       self.scale, kernel=kernel, first_row=first_row)
         else:
             out[:n] = _sparse_attention(query[:n], key[:n], value[:n], sel.indices, self.scale,
-                                        kernel=kernel)
+                                        kernel=kernel, first_row=first_row)
             out[n:] = _dense_tail(query, key, value, n, self.scale)
         if self.cfg.record_dir and self.cfg.record_tensors:
             name = getattr(kernel, "name", None) or (
@@ -149,14 +151,16 @@ def _fused_probe_scores(query, key, probe_idx, scale, backend: str = "auto"):
 
 
 def _sparse_attention(query, key, value, indices, scale, backend: str = "auto",
-                      kernel=None) -> torch.Tensor:
+                      kernel=None, first_row: int = 0) -> torch.Tensor:
     """Causal attention among the kept rows of one sequence, zeros elsewhere: ``kernel`` when
     the backend gives one (CPU: vLLM's kernel), else the Triton gather-on-the-fly kernel on
-    CUDA, SDPA over the gathered rows (the fp32 reference) on CPU."""
+    CUDA, SDPA over the gathered rows (the fp32 reference) on CPU. Rows before ``first_row``
+    are not needed: the CPU paths skip them; the Triton kernel computes every kept row."""
     if kernel is not None:
-        return kernel(query, key, value, indices, scale)
+        return kernel(query, key, value, indices, scale, first_row=first_row)
     if backend == "auto" and not query.is_cuda:
-        return zipvl.sparse_prefill_attention_reference(query, key, value, indices, scale)
+        return zipvl.sparse_prefill_attention_reference(query, key, value, indices, scale,
+                                                        first_row=first_row)
     bounds = torch.tensor([0, query.shape[0]], dtype=torch.int32, device=query.device)
     kept = torch.tensor([0, indices.numel()], dtype=torch.int32, device=query.device)
     return kernels.sparse_prefill_attention(query, key, value, indices, bounds, kept,
