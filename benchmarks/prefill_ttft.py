@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -67,8 +66,6 @@ def worker(spec_path: str, out_path: str) -> None:
     from vllm_kvsparse.attention.layer_sparsity import LayerSparsity
     from vllm_kvsparse.records import read_records
 
-    if spec.get("sparse_kernel"):     # what-if: force the CPU sparse-attention kernel
-        os.environ["VLLM_KVSPARSE_CPU_SPARSE_KERNEL"] = spec["sparse_kernel"]
     timers = Timers()
     timers.wrap(kv_cpu.KVSparseCPUAttentionImpl, "forward", "attn_layer")
     timers.wrap(LayerSparsity, "decide", "select")
@@ -188,9 +185,10 @@ def main(argv=None) -> int:
                          "warmup_tokens": args.warmup_tokens,
                          "num_images": args.images, "seed_base": 1_000_000 * (rnd + 1),
                          "additional_config": common.additional_config(
-                             "dense" if mode == "dense" else "zipvl", tau, rec),
-                         "record_dir": rec,
-                         "sparse_kernel": mode.split("-", 1)[1] if "-" in mode else None}
+                             "dense" if mode == "dense" else "zipvl", tau, rec,
+                             **({"cpu_sparse_kernel": mode.split("-", 1)[1]}
+                                if "-" in mode else {})),
+                         "record_dir": rec}
                 print(f"[{time.perf_counter() - t_start:6.0f}s] head_dim {hd} round {rnd} "
                       f"{name} ...", flush=True)
                 run = {"head_dim": hd, "mode": mode, "tau": tau, "round": rnd, "rows": []}

@@ -52,6 +52,9 @@ class SparsityConfig:
         with the kept set to `record_dir/kept-<pid>.jsonl`.
     record_tensors: debug only (needs record_dir). Also save each sparse layer's query, key,
         value and output per request as `record_dir/tensors-<req>-layer<i>.pt`.
+    cpu_sparse_kernel: the CPU backend's sparse-attention kernel: "torch" (fp32 SDPA over the
+        kept rows), "vllm" (vLLM's own CPU attention kernel over the kept rows, in the cache
+        dtype: attention/cpu_kernel.py) or "auto" (the measured choice for the CPU's ISA).
     """
 
     method: str = "none"
@@ -61,6 +64,7 @@ class SparsityConfig:
     evict: bool = True
     record_dir: str | None = None
     record_tensors: bool = False
+    cpu_sparse_kernel: str = "auto"
     # Not settable from the config JSON: filled in at start-up from the model.
     num_layers: int | None = field(default=None, compare=False)
 
@@ -73,6 +77,8 @@ class SparsityConfig:
                 raise SparsityConfigError(
                     f"kv-sparsity-config: {name}={getattr(self, name)!r} is invalid; "
                     "valid values are true, false")
+        _check_choice("kv-sparsity-config: cpu_sparse_kernel", self.cpu_sparse_kernel,
+                      CPU_SPARSE_KERNELS)
         if self.record_dir is not None and not isinstance(self.record_dir, str):
             raise SparsityConfigError(
                 f"kv-sparsity-config: record_dir={self.record_dir!r} is invalid; "
@@ -192,7 +198,9 @@ class SparsityConfig:
 
 
 # Settings of the glue (how vLLM runs the method), accepted beside every method's parameters.
-GLUE_KEYS = ("exempt_layers", "min_prompt_len", "evict", "record_dir", "record_tensors")
+GLUE_KEYS = ("exempt_layers", "min_prompt_len", "evict", "record_dir", "record_tensors",
+             "cpu_sparse_kernel")
+CPU_SPARSE_KERNELS = ("auto", "vllm", "torch")
 
 
 def parse_config_json(text: str) -> dict[str, Any]:

@@ -101,10 +101,11 @@ def test_prefill_output_equals_fp32_reference_on_kept_set(peaked_model, tmp_path
     rounds only the output. 2e-2 absolute and relative is 4u times the tiny model's max|v|
     (~2.5) with margin."""
     rec = tmp_path / "records"
-    env = {"VLLM_KVSPARSE_CPU_SPARSE_KERNEL": forced} if forced else None
+    kernel_option = {"cpu_sparse_kernel": forced} if forced else {}
     run_offline({"model": peaked_model, "prompts": PROMPTS[:3], "max_tokens": 2,
                  "additional_config": zipvl_config(tau=0.9, record_dir=str(rec), evict=False,
-                                                   record_tensors=True)}, tmp_path, env=env)
+                                                   record_tensors=True, **kernel_option)},
+                tmp_path)
     files = sorted(rec.glob("tensors-*.pt"))
     assert len(files) >= 3 * 4 - 1   # every (request, layer) that dropped something
     kernel = expected_cpu_kernel(forced)

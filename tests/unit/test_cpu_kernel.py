@@ -82,9 +82,9 @@ def test_layer_sparsity_attend_uses_the_given_kernel(monkeypatch):
         isa = cpu_kernel.default_spec(torch.bfloat16, 64).isa
         _k_scale_float = _v_scale_float = 1.0
 
-    monkeypatch.setenv(cpu_kernel.KERNEL_ENV, "vllm")
     impl = object.__new__(kv_cpu.KVSparseCPUAttentionImpl)
     impl.kv_cache_dtype = "auto"
+    impl.sparsity = SparsityConfig.from_options("zipvl", {"cpu_sparse_kernel": "vllm"})
     kv_cache = torch.empty(4, 4, 32, 128, dtype=torch.bfloat16)
     kernel = impl._sparse_kernel(Layer(), kv_cache)
     assert isinstance(kernel, functools.partial)
@@ -105,19 +105,17 @@ def test_layer_sparsity_attend_uses_the_given_kernel(monkeypatch):
     assert_bf16_close(out, ref, v)
 
 
-def test_kernel_choice(monkeypatch):
-    monkeypatch.delenv(cpu_kernel.KERNEL_ENV, raising=False)
-    # default: the torch path everywhere until vLLM's kernel is measured on AMX / AVX-512
-    assert cpu_kernel.choose_kernel("amx") == "torch"
-    assert cpu_kernel.choose_kernel("vec") == "torch"
-    assert cpu_kernel.choose_kernel("vec", "fp8") == "torch"
-    monkeypatch.setenv(cpu_kernel.KERNEL_ENV, "vllm")
-    assert cpu_kernel.choose_kernel("vec") == "vllm"
-    monkeypatch.setenv(cpu_kernel.KERNEL_ENV, "torch")
-    assert cpu_kernel.choose_kernel("amx") == "torch"
-    monkeypatch.setenv(cpu_kernel.KERNEL_ENV, "bogus")
-    with pytest.raises(ValueError, match="valid values"):
-        cpu_kernel.choose_kernel("amx")
+def test_kernel_choice():
+    # default: the torch path everywhere until vLLM's kernel is measured faster on an ISA
+    assert cpu_kernel.choose_kernel("auto", "amx") == "torch"
+    assert cpu_kernel.choose_kernel("auto", "vec") == "torch"
+    assert cpu_kernel.choose_kernel("auto", "vec", "fp8") == "torch"
+    assert cpu_kernel.choose_kernel("vllm", "vec") == "vllm"
+    assert cpu_kernel.choose_kernel("torch", "amx") == "torch"
+    from vllm_kvsparse.config import SparsityConfig, SparsityConfigError
+    with pytest.raises(SparsityConfigError, match="cpu_sparse_kernel: 'bogus' is invalid; "
+                                                  "valid values are auto, vllm, torch"):
+        SparsityConfig.from_options("zipvl", {"cpu_sparse_kernel": "bogus"})
 
 
 @pytest.mark.parametrize("first_row", [0, 1, 333, 700, 999, 1000])

@@ -29,26 +29,21 @@ from vllm import _custom_ops as ops
 
 CALLS = {"cpu_attention_with_kv_cache": 0}
 
-# Which sparse-attention kernel the CPU backend runs. "auto" is the fp32 torch SDPA path on
-# every CPU for now: on the AVX2 EPYC we have, torch measured faster per FLOP than vLLM's "vec"
-# kernel (benchmarks/selection_cost.py: sparse / (kept-FLOP fraction x dense vLLM) 0.82 vs 0.99
-# at 8K), and vLLM's AMX and AVX-512 kernels, which should win on a Xeon, have not run this path
-# on such a CPU yet (no Xeon was available). `VLLM_KVSPARSE_CPU_SPARSE_KERNEL=vllm` opts in
-# (tested end to end on the "vec" ISA: tests/e2e/test_sparse_prefill.py); "torch" forces the
-# default. Make "vllm" the default for AMX / AVX-512 once a Xeon run shows it faster and correct.
-KERNEL_ENV = "VLLM_KVSPARSE_CPU_SPARSE_KERNEL"
+# Which sparse-attention kernel the CPU backend runs (SparsityConfig.cpu_sparse_kernel, the
+# `cpu_sparse_kernel` key of --kv-sparsity-config). "auto" is the fp32 torch SDPA path on every
+# CPU for now: on the AVX2 EPYC we had, torch measured faster per FLOP than vLLM's "vec" kernel
+# (benchmarks/selection_cost.py: sparse / (kept-FLOP fraction x dense vLLM) 0.82 vs 0.99 at 8K),
+# and vLLM's AMX kernel, which should win on a Xeon, has not run this path on such a CPU yet.
+# "vllm" opts in (tested end to end: tests/e2e/test_sparse_prefill.py); "torch" forces the
+# default. Make "vllm" the default for an ISA once a run there shows it faster and correct.
 
 
-def choose_kernel(isa: str, kv_cache_dtype: str = "auto") -> str:
-    """"vllm" or "torch" (see above); `isa` and `kv_cache_dtype` are recorded for the choice
-    that will depend on them once measured."""
-    import os
-
-    forced = os.environ.get(KERNEL_ENV, "auto")
-    if forced in ("vllm", "torch"):
-        return forced
-    if forced != "auto":
-        raise ValueError(f"{KERNEL_ENV}={forced!r}: valid values are auto, vllm, torch")
+def choose_kernel(setting: str, isa: str, kv_cache_dtype: str = "auto") -> str:
+    """"vllm" or "torch" for the config's `setting` (auto, vllm, torch; validated by
+    SparsityConfig); `isa` and `kv_cache_dtype` are taken for the choice that will depend on
+    them once measured."""
+    if setting in ("vllm", "torch"):
+        return setting
     return "torch"
 
 
