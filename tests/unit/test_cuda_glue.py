@@ -448,11 +448,20 @@ def test_deferred_method_keeps_kv_whole_until_the_step_ends(tiny_model, tmp_path
             assert torch.equal(value_cache[block, slot], v[pos] * (layer_idx + 1))
 
 
+ZIPVL_SMALL = {"tau": 0.5, "num_recent_probes": 8, "num_random_probes": 8}
+# every method but fastv, which keeps all of layer k-1 and drops from layer k on (one layer
+# here; fastv chunked: tests/e2e/test_chunked_prefill.py)
+
+
 @pytest.mark.parametrize("method,options,chunks", [
-    ("zipvl", {"tau": 0.5, "num_recent_probes": 8, "num_random_probes": 8}, [40, 30, 30]),
-    ("zipvl", {"tau": 0.5, "num_recent_probes": 8, "num_random_probes": 8}, [17, 83]),
+    ("zipvl", ZIPVL_SMALL, [40, 30, 30]),
+    ("zipvl", ZIPVL_SMALL, [17, 83]),
     ("snapkv", {"budget": 0.3, "window": 8}, [50, 45, 5]),
+    ("pyramidkv", {"budget": 0.3, "window": 8}, [96, 4]),
+    ("streamingllm", {"budget": 0.3}, [20, 80]),
     ("vlcache", {"budget": 0.3}, [64, 36]),
+    ("aircache", {"budget": 0.3}, [5, 60, 35]),
+    ("random", {"budget": 0.3}, [70, 30]),
 ])
 def test_chunked_prompt_selects_as_one_step(tiny_model, tmp_path, monkeypatch, method, options,
                                             chunks):
