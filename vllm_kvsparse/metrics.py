@@ -60,9 +60,12 @@ class StatsSink:
         self._lock = threading.Lock()
 
     def observe_layer(self, layer: int, num_tokens: int, num_kept: int, probe_seconds: float,
-                      num_heads: int, head_dim: int, prefill_sparse: bool = True) -> None:
+                      num_heads: int, head_dim: int, prefill_sparse: bool = True,
+                      num_before: int = 0, kept_before: int = 0) -> None:
         """One (request, layer) decision. Prefill attention FLOPs are saved only where the
-        method's prefill is token-sparse (zipvl, fastv); the others prefill dense."""
+        method's prefill is token-sparse (zipvl, fastv); the others prefill dense. A chunked
+        prompt ran its first `num_before` positions (`kept_before` of the kept ones) dense in
+        earlier steps: only the rest saves."""
         ratio = num_kept / max(num_tokens, 1)
         with self._lock:
             self.counters["prompt_tokens_seen"] += num_tokens
@@ -70,8 +73,8 @@ class StatsSink:
             self.counters["probe_seconds"] += probe_seconds
             # causal prefill attention: QK^T and PV, 2 FLOPs per MAC, half the n x n square
             if prefill_sparse:
-                self.counters["attention_flops_saved"] += \
-                    2.0 * num_heads * head_dim * (num_tokens ** 2 - num_kept ** 2)
+                self.counters["attention_flops_saved"] += 2.0 * num_heads * head_dim * (
+                    (num_tokens ** 2 - num_before ** 2) - (num_kept ** 2 - kept_before ** 2))
             hist = self.ratio_hist.setdefault(layer, [0] * len(RATIO_BUCKETS))
             for i, bound in enumerate(RATIO_BUCKETS):
                 if ratio <= bound + 1e-12:

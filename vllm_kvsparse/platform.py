@@ -27,6 +27,8 @@ from vllm_kvsparse.config import (CONFIG_KEY, METHOD_KEY, METHODS, SparsityConfi
 logger = logging.getLogger("vllm.kvsparse")
 
 SCHEDULER_CLS = "vllm_kvsparse.scheduler.KVSparseScheduler"
+# KV-cache dtypes that store K/V unchanged (attention/cache_read.py reads them back)
+PLAIN_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32", "half", "float")
 
 # Values given on the command line, remembered by the argparse actions (API-server process).
 _CLI: dict[str, object] = {}
@@ -104,14 +106,18 @@ def check_supported(vllm_config, cfg: SparsityConfig, worker_cls: str) -> None:
         problems.append("an MLA model (only standard multi-head/GQA attention is supported)")
     sched, max_len = vllm_config.scheduler_config, vllm_config.model_config.max_model_len
     cache_dtype = str(vllm_config.cache_config.cache_dtype)
-    if cache_dtype.startswith("fp8") and sched.enable_chunked_prefill \
-            and sched.max_num_batched_tokens < max_len:
-        # the completing chunk's selection reads the earlier chunks' K/V from the cache
+    if cache_dtype not in PLAIN_CACHE_DTYPES and sched.enable_chunked_prefill:
+        # With chunking on, vLLM may split any prompt (a step's budget is shared with decodes
+        # and other prefills), and the completing chunk's selection reads the earlier chunks'
+        # K/V back from the cache, which a quantized cache does not hold.
         problems.append(
-            f"--kv-cache-dtype={cache_dtype} with chunked prefill (a prompt longer than "
-            f"--max-num-batched-tokens={sched.max_num_batched_tokens} is prefilled in chunks, "
-            "and an fp8 cache does not hold the plain K/V of the earlier chunks that selection "
-            f"reads; use --kv-cache-dtype auto or --max-num-batched-tokens {max_len})")
+            f"--kv-cache-dtype={cache_dtype} with chunked prefill (a quantized cache does not "
+            "hold the plain K/V of earlier prompt chunks that selection reads; use "
+            f"--kv-cache-dtype auto, or --no-enable-chunked-prefill --max-num-batched-tokens "
+            f"{max_len})")
+    if vllm_config.model_config.get_sliding_window() is not None:
+        problems.append("a sliding-window model (its cache drops old blocks that selection "
+                        "and compaction would read)")
     if vllm_config.kv_transfer_config is not None:
         problems.append("a KV connector (not supported)")
     if pc.worker_cls not in ("auto", worker_cls):

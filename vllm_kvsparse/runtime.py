@@ -5,7 +5,9 @@ worker, so the worker binds its runtime here (`bind`) and the backends reach it 
 `current()`. Two lifetimes, each with explicit boundaries:
 
 - per request (until the request leaves the batch: `take_evictions(live)` drops the rest):
-  which blocks each layer compacted, and whether a dense fallback was already counted;
+  which blocks each layer compacted, whether a dense fallback was already counted, and, for a
+  prompt prefilled in chunks, the query rows its method reads (PartialPrompt, until the step
+  that completes the prompt, or until the prompt starts over after a preemption);
 - per step (`begin_step` .. `end_step`, called by the worker around the model's forward): each
   request's policy state across the layers of the step, and the layers whose decision is
   deferred to the end of the step (methods whose layer budgets need every layer's scores).
@@ -59,9 +61,12 @@ class PartialPrompt:
     def __init__(self, rows: torch.Tensor):
         self.rows = rows.long().cpu()                    # ascending prompt positions
         self.queries: dict[int, torch.Tensor] = {}       # layer_idx -> [len(rows), H, D]
+        self.computed = 0   # positions [0, computed) went through keep (every chunk seen)
 
     def keep(self, layer_idx: int, first: int, chunk_query: torch.Tensor) -> None:
         """chunk_query [c, H, D]: the queries of positions [first, first + c)."""
+        if first == self.computed or first + chunk_query.shape[0] == self.computed:
+            self.computed = first + chunk_query.shape[0]   # (the step's first layer advances)
         kept = self.queries.get(layer_idx)
         if kept is None:
             kept = self.queries[layer_idx] = chunk_query.new_zeros(
@@ -164,8 +169,16 @@ class WorkerRuntime:
             self._partials[req_id] = PartialPrompt(make_rows())
         return self._partials[req_id]
 
-    def has_partial(self, req_id: str) -> bool:
-        return req_id in self._partials
+    def has_partial(self, req_id: str, num_computed: int) -> bool:
+        """Whether every chunk before position num_computed kept its query rows."""
+        partial = self._partials.get(req_id)
+        return partial is not None and partial.computed == num_computed
+
+    def forget_partial(self, req_id: str) -> None:
+        """The request starts its prompt over (a preemption): drop its chunk state, unless
+        this very step started it (several layers' builders ask)."""
+        if req_id not in self.step.fresh_partials:
+            self._partials.pop(req_id, None)
 
     def prompt_completed(self, req_id: str) -> None:
         """The request's prompt is complete in this step: drop its state at the step's end."""

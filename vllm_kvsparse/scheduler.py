@@ -5,7 +5,8 @@ KVSparseModelRunnerOutput carrying `kvsparse_evictions = {req_id: {layer: (first
 which reaches the scheduler's update_from_output (this relies on synchronous scheduling: the
 CUDA platform turns async scheduling off, the CPU platform never enables it). vLLM warns that
 custom schedulers are not a public interface: this class only adds a step before the stock
-update.
+update, and marks, on arrival, the prompts the method may compact as private to the prefix
+cache (they neither read nor publish cached blocks; KVSparseManager.cache_blocks).
 """
 
 from __future__ import annotations

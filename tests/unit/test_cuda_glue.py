@@ -112,6 +112,43 @@ def test_builder_gives_compacted_decode_rows_a_virtual_block_table(vllm_config):
     assert cm.seq_lens.tolist() == [71, 40]      # the runner's shared buffers are untouched
     assert cm.block_table_tensor[0].tolist() == tables[0].tolist()
     assert view.max_seq_len == 40
+    # the plan classifies rows by their true lengths: in the view "a" (70-token prompt, 1
+    # output token) looks 32 tokens short of its prompt, yet it is a decode row, not a chunk
+    from vllm_kvsparse.attention.common import _host_seq_lens
+    stale = runtime.PartialPrompt(torch.tensor([0]))   # even with chunk state left over
+    stale.computed = 71 - 2 * BLOCK - 1
+    runtime.current()._partials["a"] = stale
+    assert builder._plan(view, rows) is not None       # (what the view alone would say)
+    assert builder._plan(view, rows, _host_seq_lens(cm)) is None
+
+
+def test_partial_prompt_keeps_probe_rows_of_every_chunk():
+    """Chunk state: the query rows a method reads, kept per layer from the chunk computing
+    them; usable only if every chunk before the completing one went through it."""
+    rt = runtime.bind(runtime.WorkerRuntime())
+    q = torch.arange(1, 13, dtype=torch.float32).view(12, 1, 1)
+    rt.begin_step()
+    rt.forget_partial("r")
+    part = rt.partial_prompt("r", fresh=True, make_rows=lambda: torch.tensor([1, 5, 9]))
+    for layer in (0, 1):
+        part.keep(layer, 0, q[:4] * (layer + 1))
+    rt.end_step()
+    assert rt.has_partial("r", 4) and not rt.has_partial("r", 8)
+    rt.begin_step()
+    assert rt.partial_prompt("r", fresh=False, make_rows=None) is part
+    for layer in (0, 1):
+        part.keep(layer, 4, q[4:8] * (layer + 1))
+    rt.end_step()
+    assert rt.has_partial("r", 8)
+    full = part.assemble(1, 8, q[8:] * 2)
+    want = torch.zeros(12, 1, 1)
+    want[[1, 5]] = q[[1, 5]] * 2
+    want[8:] = q[8:] * 2
+    assert torch.equal(full, want)
+    rt.begin_step()
+    rt.forget_partial("r")                       # the prompt starts over (preemption)
+    assert not rt.has_partial("r", 8)
+    rt.end_step()
 
 
 def test_cudagraph_support_reported_to_vllm(vllm_config):
@@ -517,4 +554,4 @@ def test_chunked_prompt_selects_as_one_step(tiny_model, tmp_path, monkeypatch, m
     last = slice(n - chunks[-1], n)
     torch.testing.assert_close(out[last], one_out[last], rtol=1e-5, atol=1e-5)
     assert torch.equal(out[:n - chunks[-1]], torch.full_like(out[:n - chunks[-1]], 7.0))
-    assert not rt.has_partial("chunked")        # the kept query rows went with the step
+    assert "chunked" not in rt._partials        # the kept query rows went with the step

@@ -79,3 +79,17 @@ def test_multiprocess_export_equals_the_collector(tmp_path, monkeypatch):
     again = samples(generate_latest(mp_registry).decode())
     key = ("kvsparse_kv_blocks_freed_total", frozenset({**LABELS, "engine": "1"}.items()))
     assert again[key] == 12
+
+
+def test_flops_saved_by_a_chunked_prompt_count_only_its_completing_chunk():
+    """Causal attention costs 2*H*d*(n^2) FLOPs (QK^T and PV, half the square): a prompt whose
+    first 600 of 1000 positions ran dense in earlier chunks saves only on the rest."""
+    from vllm_kvsparse.metrics import StatsSink
+
+    one, chunked = StatsSink("worker"), StatsSink("worker")
+    one.observe_layer(0, 1000, 300, 0.0, num_heads=4, head_dim=64)
+    chunked.observe_layer(0, 1000, 300, 0.0, num_heads=4, head_dim=64, num_before=600,
+                          kept_before=200)
+    assert one.counters["attention_flops_saved"] == 2.0 * 4 * 64 * (1000 ** 2 - 300 ** 2)
+    assert chunked.counters["attention_flops_saved"] == \
+        2.0 * 4 * 64 * ((1000 ** 2 - 600 ** 2) - (300 ** 2 - 200 ** 2))

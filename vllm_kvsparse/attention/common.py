@@ -3,8 +3,9 @@
 Two mixins, each placed before a vLLM class in the backend's MRO, so `super()` is vLLM's own
 builder or impl (cpu.py: vLLM's CPU attention; cuda.py: vLLM's FlashAttention):
 
-  KVSparseBuilderMixin.build   splits the step's batch into rows whose whole prompt is
-                               prefilled now ("sparse rows", long enough) and the rest ("dense
+  KVSparseBuilderMixin.build   splits the step's batch into rows whose prompt is complete
+                               after this step ("sparse rows", long enough), earlier chunks of
+                               long prompts ("partial rows", dense now) and the rest ("dense
                                rows": decode, short prompts), and builds vLLM's metadata for
                                the dense rows alone. With eviction, decode rows of compacted
                                requests get a virtual block table that skips the freed blocks.
@@ -16,7 +17,8 @@ builder or impl (cpu.py: vLLM's CPU attention; cuda.py: vLLM's FlashAttention):
                                device-specific step) moves the kept K/V to the front of the
                                layer's blocks. Methods that decide after every layer (vlcache,
                                aircache) register the layer with the worker's runtime and
-                               compact at the end of the step.
+                               compact at the end of the step. The device-specific steps:
+                               `_compact_rows` and `_read_cached_kv` (cache layouts differ).
 
 vLLM writes the step's K/V into the paged cache before `forward` (`do_kv_cache_update`, on both
 backends), so the cache holds every prompt token computed so far when forward starts.
@@ -50,8 +52,9 @@ logger = logging.getLogger("vllm.kvsparse")
 
 @dataclass
 class SparseRow:
-    """A request whose whole prompt (plus, after a preemption, its recomputed output tokens)
-    is prefilled in this step: batch tokens [start, end), prompt = the first num_prompt."""
+    """A request whose prompt (plus, after a preemption, its recomputed output tokens) is
+    prefilled up to position num_computed + end - start in this step: batch tokens
+    [start, end) are positions [num_computed, ...); prompt = the first num_prompt."""
 
     row: int
     req_id: str
@@ -158,7 +161,9 @@ class KVSparseBuilderMixin:
         if rows is not None and self.evict_layer is not None:
             cm, decode_rows = self._virtual_view(common_attn_metadata, rows)
         md = super().build(common_prefix_len, cm, fast_build)
-        plan = self._plan(cm, rows) if rows is not None else None
+        plan = None
+        if rows is not None:   # rows are classified by their true lengths, not the virtual ones
+            plan = self._plan(cm, rows, _host_seq_lens(common_attn_metadata))
         return self.metadata_cls.extend(md, plan, decode_rows)
 
     def _virtual_view(self, cm, rows):
@@ -188,25 +193,33 @@ class KVSparseBuilderMixin:
                           seq_lens_cpu_upper_bound=host,
                           max_seq_len=max(seq_lens_host[:cm.num_reqs])), decode_rows
 
-    def _plan(self, cm, rows) -> StepPlan | None:
+    def _plan(self, cm, rows, true_seq_lens: list[int] | None = None) -> StepPlan | None:
+        """Classify the step's rows. `cm` may be the virtual view (compacted decode rows'
+        lengths shortened by the evicted blocks): `true_seq_lens` are the rows' real lengths,
+        which alone say how much of a prompt was computed before this step."""
         qsl = cm.query_start_loc_cpu.tolist()
         seq_lens = _host_seq_lens(cm)
+        true_seq_lens = seq_lens if true_seq_lens is None else true_seq_lens
         rt = runtime.current()
         sparse, partial, dense = [], [], []
         for i, row in enumerate(rows):
             start, end = qsl[i], qsl[i + 1]
-            num_computed = seq_lens[i] - (end - start)
+            num_computed = true_seq_lens[i] - (end - start)
             n = row.num_prompt_tokens
             if num_computed >= n:              # decode, or recomputed outputs after the prompt
                 dense.append(i)
                 continue
             srow = SparseRow(i, row.req_id, start, end, n, row.visual_ranges, num_computed)
             selects = self.sparsity.selects(n)
-            if not selects or (num_computed > 0 and not rt.has_partial(row.req_id)):
+            if num_computed == 0:
+                rt.forget_partial(row.req_id)  # a new start (preemption): no stale chunk state
+            if not selects or (num_computed > 0
+                               and not rt.has_partial(row.req_id, num_computed)):
                 dense.append(i)
                 if srow.completes_prompt:
-                    # a long prompt whose earlier chunks kept no query rows (none with the
-                    # plugin's scheduler: such prompts never read the prefix cache) is counted
+                    # a long prompt whose earlier chunks did not all keep their query rows
+                    # (with the plugin's scheduler such prompts never read the prefix cache;
+                    # a step that bypassed the attention backend would) is counted
                     rt.count_fallback_once(row.req_id,
                                            "unsupported" if selects else "short_prompt")
             elif srow.completes_prompt:
@@ -371,12 +384,14 @@ class KVSparseImplMixin:
         tokens from the rows' plain K/V, so those are copied (the prompt's K/V of every such
         layer lives until the step ends: the methods' documented dense peak); CUDA moves them
         inside the cache, which outlives the step."""
-        if self.compaction_reads_step_kv:
-            rows = [(row, RowInputs(None, inp.key.clone(), inp.value.clone()))
-                    for row, inp in rows]
+        head_dim = rows[0][1].key.shape[-1]
+        # Keep only what compaction reads: nothing on CUDA (not even the step's query, which
+        # would live, per layer, until the step ends).
+        rows = [(row, RowInputs(None, inp.key.clone(), inp.value.clone())
+                 if self.compaction_reads_step_kv else RowInputs(None, None, None))
+                for row, inp in rows]
         block_table = block_table.clone()
         sparsity = self._layer_sparsity
-        head_dim = rows[0][1].key.shape[-1]
 
         def apply(choices) -> None:
             decided = [(row, sparsity.selection(row, choices[row.req_id], block_size, 0.0,

@@ -1,7 +1,8 @@
 """vLLM CPU attention backend with ZipVL token-sparse prefill and KV eviction.
 
 Subclasses vLLM 0.32's CPU backend (v1/attention/backends/cpu_attn.py); everything but the
-compaction write is shared with the CUDA backend (common.py). With sparsity off it is vLLM's
+compaction write and the read-back of earlier chunks' K/V (both in vLLM's ISA-specific block
+layout) is shared with the CUDA backend (common.py). With sparsity off it is vLLM's
 backend unchanged.
 """
 
@@ -95,4 +96,4 @@ class KVSparseCPUAttentionImpl(KVSparseImplMixin, CPUAttentionBackendImpl):
         """Earlier chunks' K/V, read back in the layout vLLM's cache-write op produced for
         this layer's ISA (cache_read.py learns it from that op)."""
         return cache_read.read_cpu_kv(kv_cache, block_row, num_tokens, layer.isa,
-                                      kv_cache.shape[2])
+                                      kv_cache.shape[2], self.kv_cache_dtype)

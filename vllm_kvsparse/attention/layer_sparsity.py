@@ -94,8 +94,11 @@ class LayerSparsity:
             else None, tp_rank=tp_rank)
         self.recorder.add(record)
         sparse_attention = self.policy.sparse_prefill and num_kept < n
-        metrics.sink().observe_layer(self.layer_idx, n, num_kept, seconds, num_heads=num_heads,
-                                     head_dim=head_dim, prefill_sparse=sparse_attention)
+        before = getattr(row, "num_computed", 0)   # chunked prompt: positions computed dense
+        metrics.sink().observe_layer(
+            self.layer_idx, n, num_kept, seconds, num_heads=num_heads, head_dim=head_dim,
+            prefill_sparse=sparse_attention, num_before=before,
+            kept_before=int((indices < before).sum()) if before else 0)
         return RowSelection(row.req_id, n, indices, record, sparse_attention, front_blocks,
                             prompt_blocks)
 
