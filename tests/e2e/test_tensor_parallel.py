@@ -93,17 +93,22 @@ def test_tp2_ranks_agree_and_match_tp1(method, tiny_model, dense, tmp_path):
     # partial products in TP's order, and this random-weight model's logits have near-ties;
     # counted: zipvl's 700-token prompt (same sets in both layers, dense equal for 16 tokens)
     # diverged at token 9 in one run. Full-length agreement is printed.
+    # Where a layer's set differs by the few near-tie tokens allowed above, the model computed
+    # on (slightly) different tokens: only the first token, decided by the prefill, is
+    # compared there (on an AVX-512 EPYC every image prompt had such a 2-4 token difference).
     compared, full = [], 0
     for i, n in enumerate(results[1]["prompt_lens"]):
-        if dense[1][i] == dense[2][i] and not any(key[0] == n for key in differing):
-            tp1, tp2 = results[1]["outputs"][i], results[2]["outputs"][i]
-            assert tp2[:FIRST_TOKENS] == tp1[:FIRST_TOKENS], f"prompt {i}: {tp1} vs {tp2}"
-            compared.append(i)
-            full += tp1 == tp2
-    print(f"{method}: prompts compared {compared}, all 16 tokens equal in {full}")
+        if dense[1][i] != dense[2][i]:
+            continue
+        same_sets = not any(key[0] == n for key in differing)
+        tp1, tp2 = results[1]["outputs"][i], results[2]["outputs"][i]
+        length = FIRST_TOKENS if same_sets else 1
+        assert tp2[:length] == tp1[:length], f"prompt {i} (same sets {same_sets}): {tp1} vs {tp2}"
+        compared.append((i, length))
+        full += tp1 == tp2
+    print(f"{method}: prompts compared (index, tokens) {compared}, all 16 equal in {full}")
     assert compared, (f"no prompt to compare: dense TP=2 == TP=1 "
-                      f"{[dense[1][i] == dense[2][i] for i in range(len(PROMPTS))]}, "
-                      f"differing sets {differing}")
+                      f"{[dense[1][i] == dense[2][i] for i in range(len(PROMPTS))]}")
 
 
 def blocks_used(usage: float, num_blocks: int) -> int:
