@@ -61,8 +61,6 @@ import os
 import random
 import re
 import shlex
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -70,6 +68,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+
+from vllm_kvsparse.bench.server import ServeProcess  # noqa: E402
 
 MODES = ("none", "zipvl-one-step", "zipvl-chunked")
 PREFIX_MODES = ("none", "zipvl-chunked")      # prefix caching on in both (vLLM's default)
@@ -198,78 +198,15 @@ def server_args(mode: str, args, kv_bytes: int) -> list[str]:
 
 # ============================================================================ server
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`vllm serve MODEL ARGS` on loopback, own TMPDIR and caches, stopped by process group."""
+class Server(ServeProcess):
+    """`vllm serve MODEL ARGS` with the benchmarks' isolated environment (own TMPDIR and
+    caches), API server and engine core in their own processes as users run them."""
 
     def __init__(self, model: str, args: list[str], workdir: Path, startup_timeout: float):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.workdir, self.log_path = workdir, workdir / "server.log"
-        self.cmd = [str(common.BIN / "vllm"), "serve", model, "--host", "127.0.0.1",
-                    "--port", str(self.port), *args]
-        self.env = common.isolated_env(workdir)
-        self.env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)   # serve as users run it
-        self.startup_timeout = startup_timeout
-        self.proc = None
-        self.startup_s = None
-
-    def __enter__(self):
-        self._log = open(self.log_path, "w")
-        t0 = time.perf_counter()
-        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            self._wait_healthy()
-        except BaseException:
-            self.stop()
-            raise
-        self.startup_s = time.perf_counter() - t0
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
-
-    def _wait_healthy(self) -> None:
-        import httpx
-        deadline = time.time() + self.startup_timeout
-        with httpx.Client(trust_env=False, timeout=2) as c:
-            while time.time() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"vllm serve exited with {self.proc.returncode}, log "
-                                       f"{self.log_path}:\n{self.log()[-4000:]}")
-                try:
-                    if c.get(self.url + "/health").status_code == 200:
-                        return
-                except httpx.HTTPError:
-                    pass
-                time.sleep(1)
-        raise TimeoutError(f"vllm serve did not become healthy, log {self.log_path}:\n"
-                           + self.log()[-4000:])
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        pgid = os.getpgid(self.proc.pid)
-        os.killpg(pgid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(pgid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        try:   # children that outlived the parent
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self._log.close()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        env = common.isolated_env(workdir)
+        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)   # serve as users run it
+        super().__init__(str(common.BIN / "vllm"), model, args, env, workdir / "server.log",
+                         startup_timeout)
 
     def settings(self) -> dict:
         """What vLLM and the plugin logged about chunking and the sparsity settings."""

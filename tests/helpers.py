@@ -8,15 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import requests
-
+from vllm_kvsparse.bench.server import ServeProcess, free_port  # noqa: F401 (tests use it)
 from vllm_kvsparse.bench.workload import png_data_url as image_data_url
 from vllm_kvsparse.bench.workload import rectangle_image as make_image  # noqa: F401 (tests use it)
 
@@ -24,12 +20,6 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 OFFLINE_RUNNER = REPO / "tests" / "e2e" / "offline_run.py"
 STEPPED_RUNNER = REPO / "tests" / "e2e" / "stepped_run.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def isolated_env(workdir: Path, plugins: bool = True, **extra: str) -> dict[str, str]:
@@ -53,68 +43,16 @@ SERVE_DEFAULTS = ["--dtype", "bfloat16", "--max-model-len", "2048", "--max-num-s
                   "--limit-mm-per-prompt", '{"image": 2, "video": 0}']
 
 
-class VllmServer:
-    """`vllm serve MODEL ARGS` as a context manager; `.url`, `.log()`."""
+class VllmServer(ServeProcess):
+    """`vllm serve MODEL ARGS` (after SERVE_DEFAULTS) in `workdir`, with its own TMPDIR and
+    caches; `.url`, `.log()`, `.client()`."""
 
     def __init__(self, model: str, args: list[str], workdir: Path, plugins: bool = True,
                  startup_timeout: float = 240, env: dict[str, str] | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.workdir = workdir
-        self.log_path = workdir / "server.log"
-        self.cmd = [str(BIN / "vllm"), "serve", model, "--host", "127.0.0.1",
-                    "--port", str(self.port), *SERVE_DEFAULTS, *args]
-        self.env = isolated_env(workdir, plugins, **(env or {}))
-        self.startup_timeout = startup_timeout
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> "VllmServer":
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            self._wait_healthy()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def _wait_healthy(self) -> None:
-        deadline = time.time() + self.startup_timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {self.proc.returncode}:\n"
-                                   + self.log()[-4000:])
-            try:
-                if requests.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(1)
-        raise TimeoutError("vllm serve did not become healthy:\n" + self.log()[-4000:])
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        pgid = os.getpgid(self.proc.pid)
-        os.killpg(pgid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(pgid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        try:  # children that outlived the parent
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self._log.close()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        super().__init__(str(BIN / "vllm"), model, [*SERVE_DEFAULTS, *args],
+                         isolated_env(workdir, plugins, **(env or {})), workdir / "server.log",
+                         startup_timeout)
 
     def client(self):
         from openai import OpenAI

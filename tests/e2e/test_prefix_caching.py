@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from helpers import VllmServer, image_data_url, make_image
+from helpers import VllmServer, chat_image, image_data_url, make_image
 from test_metrics import scrape, value
 
 pytestmark = pytest.mark.e2e
@@ -35,12 +35,7 @@ def servers(tiny_model, tmp_path_factory):
 
 
 def ask_image(srv, img, question, max_tokens=8):
-    client = srv.client()
-    reply = client.chat.completions.create(
-        model=client.models.list().data[0].id, max_tokens=max_tokens, temperature=0,
-        messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": image_data_url(img)}},
-            {"type": "text", "text": question}]}])
+    reply = chat_image(srv.client(), img, question, max_tokens=max_tokens)
     return reply.choices[0].message.content, reply.usage.prompt_tokens
 
 

@@ -260,6 +260,11 @@ class KVSparseBuilderMixin:
         return super().build(0, sub, fast_build=True), idx, tokens
 
 
+def _own(key, value, are_views: bool):
+    """key and value, copied if they are views of the step's tensors (reused next step)."""
+    return (key.clone(), value.clone()) if are_views else (key, value)
+
+
 def _host_seq_lens(cm) -> list[int]:
     """Per-row sequence lengths on the host. vLLM's host copy is exact for prefill rows and
     for decode rows without async scheduling (the plugin turns async scheduling off), and
@@ -386,8 +391,9 @@ class KVSparseImplMixin:
         inside the cache, which outlives the step."""
         head_dim = rows[0][1].key.shape[-1]
         # Keep only what compaction reads: nothing on CUDA (not even the step's query, which
-        # would live, per layer, until the step ends).
-        rows = [(row, RowInputs(None, inp.key.clone(), inp.value.clone())
+        # would live, per layer, until the step ends); on CPU the K/V, copied where they are
+        # views of the step's tensors (a chunked prompt's were assembled for this row).
+        rows = [(row, RowInputs(None, *_own(inp.key, inp.value, row.num_computed == 0))
                  if self.compaction_reads_step_kv else RowInputs(None, None, None))
                 for row, inp in rows]
         block_table = block_table.clone()

@@ -132,7 +132,7 @@ class AirCache(Policy):
             layers[inp.layer_idx] = None
             return None
         device = inp.query.device
-        text_pos = torch.nonzero(~visual).flatten()
+        text_pos = self.query_rows(prompt)   # the text rows
         # elite rows: last text row over the text keys only
         sub = text_pos.to(device)
         last = torch.tensor([text_pos.numel() - 1], device=device)

@@ -96,21 +96,26 @@ class SnapKV(Policy):
         """Prefix tokens kept by score in this layer (SnapKV: uniform ``C - w``)."""
         return capacity - window
 
+    def _capacity_and_window(self, n: int) -> tuple[int, int] | None:
+        """(C, w) of an n-token prompt; None when it keeps everything (n <= C)."""
+        capacity = budget_count(self.budget, n)
+        return None if n <= capacity else (capacity, min(self.window, capacity))
+
     def query_rows(self, prompt: PromptInfo) -> torch.Tensor:
         n = prompt.num_tokens
-        capacity = budget_count(self.budget, n)
-        if n <= capacity:
+        sizes = self._capacity_and_window(n)
+        if sizes is None:
             return torch.zeros(0, dtype=torch.long)
-        return torch.arange(n - min(self.window, capacity), n)   # the observation window
+        return torch.arange(n - sizes[1], n)   # the observation window
 
     def layer(self, state: StepState, inp: LayerInput) -> Choice:
         prompt = state.prompt
         self._check_input(prompt, inp)
         n = prompt.num_tokens
-        capacity = budget_count(self.budget, n)
-        if n <= capacity:
+        sizes = self._capacity_and_window(n)
+        if sizes is None:
             return keep_all(n)
-        window = min(self.window, capacity)
+        capacity, window = sizes
         count = self.prefix_count(state, inp.layer_idx, n, capacity, window)
         scores = window_scores(inp, window, self.kernel, self.pooling)
         return select_with_window(scores, n, window, count)

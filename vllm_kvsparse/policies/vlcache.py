@@ -91,9 +91,11 @@ class VLCache(Policy):
         self._check_fraction("sparsity_threshold")
         self._check_fraction("min_ratio", allow_zero=True)
 
+    def _keeps_all(self, n: int) -> bool:
+        return n <= budget_count(self.budget, n)
+
     def query_rows(self, prompt: PromptInfo) -> torch.Tensor:
-        n = prompt.num_tokens
-        if n <= budget_count(self.budget, n):
+        if self._keeps_all(prompt.num_tokens):
             return torch.zeros(0, dtype=torch.long)
         return post_vision_rows(prompt.visual_cpu())
 
@@ -102,10 +104,10 @@ class VLCache(Policy):
         self._check_input(prompt, inp)
         n = prompt.num_tokens
         layers = state.data.setdefault("layers", {})
-        if n <= budget_count(self.budget, n):
+        if self._keeps_all(n):
             layers[inp.layer_idx] = None
             return None
-        rows = post_vision_rows(prompt.visual_cpu())
+        rows = self.query_rows(prompt)
         den = float((rows + 1).sum())
         score = torch.zeros(n, dtype=torch.float32, device=inp.query.device)
         sparsity = []

@@ -76,8 +76,7 @@ class ZipVL(Policy):
         if self.scope == "visual":
             candidate = prompt.visual_cpu().to(inp.query.device)
         sel = _zipvl.select_important_tokens(
-            inp.query, inp.key, tau=self.tau, num_recent=self.num_recent_probes,
-            num_random=self.num_random_probes, keep_first=self.keep_first,
-            keep_last=self.keep_last, scale=inp.scale, seed=self.seed,
+            inp.query, inp.key, tau=self.tau, probe_idx=self.query_rows(prompt),
+            keep_first=self.keep_first, keep_last=self.keep_last, scale=inp.scale,
             candidate_mask=candidate, scores_fn=scores_over_all_heads(inp.scores_fn, inp.shards))
         return Choice(sel.indices.cpu(), sel.normalized.float().cpu(), sel.num_important)
