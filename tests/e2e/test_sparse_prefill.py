@@ -89,8 +89,10 @@ def expected_cpu_kernel(forced: str | None) -> str:
     """The sparse kernel the CPU backend must report (attention/cpu_kernel.choose_kernel)."""
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
+    from vllm_kvsparse.attention import cpu_kernel
+
     isa = _get_attn_isa(torch.bfloat16, 32, 64, "auto")
-    use_torch = forced in (None, "torch")   # the default is the torch path (cpu_kernel.py)
+    use_torch = cpu_kernel.choose_kernel(forced or "auto", isa) == "torch"
     return "torch-reference" if use_torch else f"vllm-cpu-attn:{isa}"
 
 

@@ -106,12 +106,14 @@ def test_layer_sparsity_attend_uses_the_given_kernel(monkeypatch):
 
 
 def test_kernel_choice():
-    # default: the torch path everywhere until vLLM's kernel is measured faster on an ISA
-    assert cpu_kernel.choose_kernel("auto", "amx") == "torch"
-    assert cpu_kernel.choose_kernel("auto", "vec") == "torch"
-    assert cpu_kernel.choose_kernel("auto", "vec", "fp8") == "torch"
-    assert cpu_kernel.choose_kernel("vllm", "vec") == "vllm"
-    assert cpu_kernel.choose_kernel("torch", "amx") == "torch"
+    # auto: vLLM's kernel on AMX and AVX-512 CPUs, torch SDPA on AVX2 (measured, cpu_kernel.py)
+    assert cpu_kernel.choose_kernel("auto", "amx", "AVX512") == "vllm"
+    assert cpu_kernel.choose_kernel("auto", "amx", "AVX2") == "vllm"
+    assert cpu_kernel.choose_kernel("auto", "vec", "AVX512") == "vllm"
+    assert cpu_kernel.choose_kernel("auto", "vec", "AVX2") == "torch"
+    assert cpu_kernel.choose_kernel("auto", "vec16", "DEFAULT") == "torch"
+    assert cpu_kernel.choose_kernel("vllm", "vec", "AVX2") == "vllm"
+    assert cpu_kernel.choose_kernel("torch", "amx", "AVX512") == "torch"
     from vllm_kvsparse.config import SparsityConfig, SparsityConfigError
     with pytest.raises(SparsityConfigError, match="cpu_sparse_kernel: 'bogus' is invalid; "
                                                   "valid values are auto, vllm, torch"):

@@ -58,10 +58,10 @@ class KVSparseCPUAttentionImpl(KVSparseImplMixin, CPUAttentionBackendImpl):
     def _sparse_kernel(self, layer, kv_cache):
         """The CPU's sparse attention kernel (cpu_kernel.choose_kernel): vLLM's own CPU
         attention kernel over the kept rows (cpu_kernel.py), in the cache dtype and the layer's
-        ISA, as dense prefill runs it; on an AVX2-only CPU the fp32 torch SDPA path, which is
-        faster per FLOP there. Returns None for the torch path (layer_sparsity's default)."""
-        if cpu_kernel.choose_kernel(self.sparsity.cpu_sparse_kernel, layer.isa,
-                                    self.kv_cache_dtype) == "torch":
+        ISA, as dense prefill runs it (AMX or AVX-512 CPUs); on an AVX2-only CPU the fp32 torch
+        SDPA path, which is faster per FLOP there. Returns None for the torch path
+        (layer_sparsity's default)."""
+        if cpu_kernel.choose_kernel(self.sparsity.cpu_sparse_kernel, layer.isa) == "torch":
             return None
         spec = cpu_kernel.CPUKernelSpec(
             isa=layer.isa, block_size=kv_cache.shape[2], cache_dtype=kv_cache.dtype,

@@ -30,21 +30,26 @@ from vllm import _custom_ops as ops
 CALLS = {"cpu_attention_with_kv_cache": 0}
 
 # Which sparse-attention kernel the CPU backend runs (SparsityConfig.cpu_sparse_kernel, the
-# `cpu_sparse_kernel` key of --kv-sparsity-config). "auto" is the fp32 torch SDPA path on every
-# CPU for now: on the AVX2 EPYC we had, torch measured faster per FLOP than vLLM's "vec" kernel
-# (benchmarks/selection_cost.py: sparse / (kept-FLOP fraction x dense vLLM) 0.82 vs 0.99 at 8K),
-# and vLLM's AMX kernel, which should win on a Xeon, has not run this path on such a CPU yet.
-# "vllm" opts in (tested end to end: tests/e2e/test_sparse_prefill.py); "torch" forces the
-# default. Make "vllm" the default for an ISA once a run there shows it faster and correct.
+# `cpu_sparse_kernel` key of --kv-sparsity-config). "auto" picks by CPU kind, from side-by-side
+# runs of benchmarks/prefill_ttft.py (benchmarks/results/README.md):
+#  - AVX-512 (vLLM's "vec" kernel built for it): vLLM's kernel ran the sparse attention 24-31 %
+#    faster than the fp32 torch SDPA path (AMD EPYC, AVX-512 bf16, 2K and 8K prompts);
+#  - AMX (vLLM's "amx" ISA): the kernel dense prefill runs with AMX tiles, 2-3x faster than
+#    the AVX-512 one; the torch path cannot use the tiles;
+#  - AVX2 only: torch was faster per FLOP (sparse / (kept-FLOP fraction x dense vLLM) 0.82 vs
+#    0.99 at 8K, benchmarks/selection_cost.py), so the torch path.
+# "vllm" and "torch" force one (both tested end to end: tests/e2e/test_sparse_prefill.py).
 
 
-def choose_kernel(setting: str, isa: str, kv_cache_dtype: str = "auto") -> str:
+def choose_kernel(setting: str, isa: str, cpu_capability: str | None = None) -> str:
     """"vllm" or "torch" for the config's `setting` (auto, vllm, torch; validated by
-    SparsityConfig); `isa` and `kv_cache_dtype` are taken for the choice that will depend on
-    them once measured."""
+    SparsityConfig), the layer's vLLM attention `isa` and torch's CPU capability ("AVX512",
+    "AVX2", ...; read from this CPU when None)."""
     if setting in ("vllm", "torch"):
         return setting
-    return "torch"
+    if cpu_capability is None:
+        cpu_capability = torch.backends.cpu.get_cpu_capability()
+    return "vllm" if isa == "amx" or cpu_capability.startswith("AVX512") else "torch"
 
 
 @dataclass(frozen=True)
