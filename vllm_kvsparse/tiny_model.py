@@ -62,6 +62,9 @@ class TinyModelSpec:
     max_pixels: int = 448 * 448          # a 448x448 image -> 256 image tokens
     max_position_embeddings: int = 32768
     qk_scale: float = 1.0                # >1 sharpens attention (peaked model for sparsity tests)
+    # Qwen2-VL's 1e6 leaves M-RoPE's width section (its lowest frequencies) nearly flat across a
+    # small image grid: a model trained to tell left from right needs a smaller base.
+    rope_theta: float = 1000000.0
     dtype: str = "bfloat16"
     seed: int = 0
 
@@ -76,8 +79,8 @@ class TinyModelSpec:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of "
                              f"num_kv_heads={self.num_kv_heads}")
-        if self.layers < 1 or self.qk_scale <= 0:
-            raise ValueError("layers must be >= 1 and qk_scale > 0")
+        if self.layers < 1 or self.qk_scale <= 0 or self.rope_theta <= 1:
+            raise ValueError("layers must be >= 1, qk_scale > 0 and rope_theta > 1")
 
 
 def _corpus(n: int = 4000, seed: int = 0):
@@ -132,7 +135,7 @@ def build(out_dir: str, spec: TinyModelSpec = TinyModelSpec()) -> str:
         use_sliding_window=False, max_window_layers=spec.layers,
         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+        rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta,
                          "mrope_section": mrope_section})
     vision_config = dict(depth=spec.vision_depth, embed_dim=128, hidden_size=spec.hidden_size,
                          mlp_ratio=2, num_heads=4, in_channels=3, patch_size=14,
@@ -194,6 +197,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=d.max_position_embeddings)
     parser.add_argument("--qk-scale", type=float, default=d.qk_scale,
                         help=">1 makes attention peaked (for sparsity tests and benchmarks)")
+    parser.add_argument("--rope-theta", type=float, default=d.rope_theta,
+                        help="M-RoPE base (Qwen2-VL's 1e6 by default)")
     parser.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--seed", type=int, default=d.seed)
 
@@ -204,4 +209,4 @@ def spec_from_args(args: argparse.Namespace) -> TinyModelSpec:
         num_kv_heads=args.num_kv_heads, intermediate_size=args.intermediate_size,
         vision_depth=args.vision_depth, max_pixels=args.max_pixels,
         max_position_embeddings=args.max_position_embeddings, qk_scale=args.qk_scale,
-        dtype=args.dtype, seed=args.seed)
+        rope_theta=args.rope_theta, dtype=args.dtype, seed=args.seed)

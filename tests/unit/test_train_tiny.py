@@ -10,12 +10,12 @@ import sys
 from vllm_kvsparse.tiny_model import TinyModelSpec
 
 
-def _train(out):
+def _train(out, *extra, ok=True):
     cmd = [sys.executable, "-m", "vllm_kvsparse.cli", "train-tiny", str(out), "--layers", "1",
            "--vision-depth", "1", "--steps", "3", "--batch-size", "2", "--threads", "1",
-           "--mix", "color:1,multi_image:1", "--eval-every", "3", "--seed", "3"]
+           "--mix", "color:1,multi_image:1", "--eval-every", "3", "--seed", "3", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (proc.returncode == 0) == ok, proc.stderr[-3000:]
     return proc
 
 
@@ -38,4 +38,18 @@ def test_train_tiny_few_steps_deterministic(tmp_path):
     assert TinyModelSpec(**spec).max_pixels == 896 * 896
     info = json.loads((a / "training.json").read_text())
     assert info["steps"] == 3 and len(info["history"]) == 3
-    assert set(info["history"][-1]["held_out_first_token_accuracy"]) == {"color", "multi_image"}
+    assert set(info["history"][-1]["held_out_answer_accuracy"]) == {"color", "multi_image"}
+
+
+def test_train_tiny_continues_from_a_checkpoint(tmp_path):
+    _train(tmp_path / "a")
+    # --init takes the checkpoint's architecture (not --layers) and its weights
+    _train(tmp_path / "c", "--init", str(tmp_path / "a"), "--layers", "2", "--rope-theta", "50")
+    spec = json.loads((tmp_path / "c" / "tiny_model_spec.json").read_text())
+    assert spec == json.loads((tmp_path / "a" / "tiny_model_spec.json").read_text())
+    info = json.loads((tmp_path / "c" / "training.json").read_text())
+    assert info["init"] == str(tmp_path / "a") and len(info["history"]) == 3
+    a, c = ((tmp_path / d / "model.safetensors").read_bytes() for d in "ac")
+    assert a != c and len(a) == len(c)
+    err = _train(tmp_path / "a", "--init", str(tmp_path / "a"), ok=False).stderr
+    assert "is OUT_DIR; write the new model elsewhere" in err.strip().splitlines()[-1]

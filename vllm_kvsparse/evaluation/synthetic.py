@@ -2,7 +2,8 @@
 specific visual tokens (a small coloured square on a noisy grey background), and in several
 tasks the question decides which ones.
 
-Tasks (answers are single words of the tiny model's tokenizer, tiny_model.WORDS):
+Tasks (answers are single words of the tiny model's tokenizer, tiny_model.WORDS, after a fixed
+lead-in, "The answer is red."; the word alone is accepted too):
 
   color         one 224x224 image (64 visual tokens), one 56-px square: "What color is the square?"
   position      two squares, one in each half: "What color is the square on the left/right?"
@@ -12,6 +13,10 @@ Tasks (answers are single words of the tiny model's tokenizer, tiny_model.WORDS)
   long_color    one 896x896 image (1,024 visual tokens), one 56-px square (4 tokens of 1,024)
   long_multi    four 448x448 images (4 x 256 = 1,024 visual tokens), "Which picture ..." -> 1-4
   long4k_color  four 896x896 images (4,096 visual tokens), one square in one of them
+
+Why the lead-in: the eviction methods prefill densely and evict afterwards, so a one-word answer
+would be the first generated token, decided before anything is evicted. After the lead-in the
+word is generated over the evicted cache, so those methods' budgets show in the accuracy.
 
 Images are separated by text markers ("Picture 1: <image>Picture 2: <image>...") where a task has
 several: the question text holds one "<image>" per image, the JSONL convention docs/eval.md
@@ -26,6 +31,7 @@ from typing import Callable
 
 COLORS = {"red": (220, 30, 30), "green": (30, 190, 40), "blue": (30, 50, 225),
           "black": (10, 10, 10), "white": (245, 245, 245)}
+LEAD_IN = "The answer is"
 COUNT_WORDS = ("one", "two", "three")
 SQUARE = 56
 TASKS = ("color", "position", "count", "multi_image", "long_color", "long_multi", "long4k_color")
@@ -158,9 +164,9 @@ def sample(task: str, index: int, seed: int = 0, split: str = "test") -> Sample:
     if task not in TASKS:
         raise ValueError(f"unknown synthetic task {task!r}; tasks: {', '.join(TASKS)}")
     rng = np.random.default_rng([seed, _SPLITS[split], TASKS.index(task), index])
-    question, answers, render = _make(task, rng)
+    question, (word,), render = _make(task, rng)
     return Sample(id=f"{task}-{split}-{seed}-{index}", task=task, question=question,
-                  answers=answers, render=render)
+                  answers=[f"{LEAD_IN} {word}.", word], render=render)
 
 
 def generate(tasks, n: int, seed: int = 0, split: str = "test") -> list[Sample]:

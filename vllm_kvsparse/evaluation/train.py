@@ -63,8 +63,8 @@ def _batch(processor, samples, with_answer: bool = True):
     return enc
 
 
-def first_token_accuracy(model, processor, samples, batch_size: int = 8) -> float:
-    """Teacher-forced: is the argmax at the answer's first token the answer's first token."""
+def answer_accuracy(model, processor, samples, batch_size: int = 8) -> float:
+    """Teacher-forced: is every answer token (lead-in, word, <|im_end|>) the argmax."""
     import torch
 
     right = 0
@@ -73,16 +73,16 @@ def first_token_accuracy(model, processor, samples, batch_size: int = 8) -> floa
             chunk = samples[i:i + batch_size]
             enc = _batch(processor, chunk)
             labels = enc.pop("labels")
-            logits = model(**enc).logits
+            predicted = model(**enc).logits.argmax(-1)
             for j in range(len(chunk)):
-                pos = (labels[j] != -100).nonzero()[0, 0]
-                right += int(logits[j, pos - 1].argmax() == labels[j, pos])
+                pos = (labels[j] != -100).nonzero()[:, 0]
+                right += int(torch.equal(predicted[j, pos - 1], labels[j, pos]))
     return right / max(len(samples), 1)
 
 
 def train(out_dir: str, *, steps: int, batch_size: int, lr: float, warmup: int, mix: dict,
           seed: int, threads: int, spec=None, eval_every: int = 0, eval_n: int = 16,
-          long_batch_size: int = 2,
+          long_batch_size: int = 2, init: str | None = None,
           progress: bool = True, log=print) -> dict:
     import numpy as np
     import torch
@@ -95,7 +95,12 @@ def train(out_dir: str, *, steps: int, batch_size: int, lr: float, warmup: int, 
     spec = spec or tiny_model.TinyModelSpec()
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        tiny_model.build(tmp, _replace(spec, dtype="float32", seed=seed))
+        if init:   # continue from a checkpoint train-tiny wrote (its spec, not the flags)
+            with open(os.path.join(init, "tiny_model_spec.json")) as f:
+                spec = tiny_model.TinyModelSpec(**json.load(f))
+            tmp = init
+        else:
+            tiny_model.build(tmp, _replace(spec, dtype="float32", seed=seed))
         model = Qwen2VLForConditionalGeneration.from_pretrained(tmp, dtype=torch.float32)
         processor = AutoProcessor.from_pretrained(tmp)
         model.train()
@@ -133,9 +138,9 @@ def train(out_dir: str, *, steps: int, batch_size: int, lr: float, warmup: int, 
             bar.update(1)
             if eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
                 model.eval()
-                acc = {t: first_token_accuracy(model, processor, held_out[t]) for t in tasks}
+                acc = {t: answer_accuracy(model, processor, held_out[t]) for t in tasks}
                 model.train()
-                history[-1]["held_out_first_token_accuracy"] = acc
+                history[-1]["held_out_answer_accuracy"] = acc
                 log(f"step {step + 1}: " + " ".join(f"{t}={a:.2f}" for t, a in acc.items()))
         bar.close()
         stop.restore()
@@ -150,7 +155,7 @@ def train(out_dir: str, *, steps: int, batch_size: int, lr: float, warmup: int, 
     with open(os.path.join(out_dir, "tiny_model_spec.json"), "w") as f:
         json.dump(asdict(_replace(spec, dtype="bfloat16", seed=seed)), f, indent=1,
                   sort_keys=True)
-    info = {"steps": steps, "stopped_at_step": stopped_at, "batch_size": batch_size, "long_batch_size": long_batch_size,
+    info = {"init": init, "steps": steps, "stopped_at_step": stopped_at, "batch_size": batch_size, "long_batch_size": long_batch_size,
             "lr": lr, "warmup": warmup, "mix": mix,
             "seed": seed, "threads": threads, "train_seconds": round(time.perf_counter()
                                                                      - t_start, 1),
@@ -217,7 +222,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="torch CPU threads (default 1: on a shared machine more threads wait "
                         "on each other; results depend on it)")
     p.add_argument("--eval-every", type=int, default=0,
-                   help="held-out first-token accuracy every N steps (0: never)")
+                   help="held-out answer accuracy (teacher-forced) every N steps (0: never)")
+    p.add_argument("--init", default=None, metavar="DIR",
+                   help="continue training a checkpoint train-tiny wrote (its architecture; "
+                        "the model flags are ignored)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -231,12 +239,18 @@ def main(args: argparse.Namespace) -> int:
         spec = tiny_model.spec_from_args(args)
         spec.validate()
         mix = parse_mix(args.mix)
+        if args.init and os.path.realpath(args.init) == os.path.realpath(args.out_dir):
+            raise ValueError(f"--init {args.init} is OUT_DIR; write the new model elsewhere")
+        if args.init and not os.path.isfile(os.path.join(args.init, "tiny_model_spec.json")):
+            raise ValueError(f"--init {args.init}: not a train-tiny checkpoint (no "
+                             "tiny_model_spec.json)")
     except ValueError as e:
         print(f"vllm-kvsparse train-tiny: error: {e}", file=sys.stderr)
         return 2
     info = train(args.out_dir, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                  warmup=args.warmup, mix=mix, long_batch_size=args.long_batch_size,
                  seed=args.seed, threads=args.threads, spec=spec, eval_every=args.eval_every,
+                 init=args.init,
                  progress=not args.no_progress,
                  log=lambda m: print(m, file=sys.stderr))
     done = info["stopped_at_step"] or args.steps

@@ -1,0 +1,150 @@
+"""Accuracy of every `--kv-sparsity` method at several budgets on one model: the method x budget
+table of docs/eval.md, each configuration a real `vllm serve`, scored by `vllm-kvsparse eval`.
+
+    python benchmarks/eval_matrix.py --out benchmarks/results/eval_matrix     # ~30-40 min on 2 cores
+    python benchmarks/eval_matrix.py --quick --out /tmp/em                    # smoke run
+
+Configurations: dense (`--kv-sparsity none`); zipvl at each --taus; every other method the
+plugin offers at each --budgets (its `budget` key, the method's other defaults). All with
+`min_prompt_len: 0`, so every prompt is compressed. They are served --parallel at a time next
+to a dense server, and one `vllm-kvsparse eval` run per group scores dense first (the reference:
+loyalty OL and the TTFT ratio are measured side by side with it, in the same run) and then the
+group's configurations, so every ratio in the table compares servers that ran at the same time
+on the same machine. Output: OUT/matrix.json (every group's eval.json summary, the command, the
+machine), OUT/matrix.md (the table), OUT/group-K/ (each eval's own files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from vllm_kvsparse.bench.server import ServeProcess  # noqa: E402
+from vllm_kvsparse.policies import METHOD_NAMES  # noqa: E402
+
+MODEL = common.REPO / "tests" / "fixtures" / "tiny-qwen2vl-vqa"
+SERVE = ["--dtype", "bfloat16", "--max-model-len", "8192", "--max-num-seqs", "4",
+         "--kv-cache-memory-bytes", str(256 << 20),
+         "--limit-mm-per-prompt", '{"image": 4, "video": 0}']
+
+
+def configurations(methods: list[str], budgets: list[float], taus: list[float]) -> dict:
+    """name -> the `vllm serve` flags of that configuration (dense not included)."""
+    out = {}
+    for m in methods:
+        if m == "zipvl":
+            for tau in taus:
+                out[f"zipvl tau={tau}"] = ("zipvl", {"tau": tau})
+        else:
+            for b in budgets:
+                out[f"{m} budget={b}"] = (m, {"budget": b})
+    return {name: ["--kv-sparsity", m, "--kv-sparsity-config",
+                   json.dumps({**opts, "min_prompt_len": 0})]
+            for name, (m, opts) in out.items()}
+
+
+class Server(ServeProcess):
+    def __init__(self, model: str, args: list[str], workdir: Path):
+        env = common.isolated_env(workdir)
+        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)   # serve as users run it
+        super().__init__(str(common.BIN / "vllm"), model, SERVE + args, env,
+                         workdir / "server.log", startup_timeout=600)
+
+
+def run_group(k: int, group: dict, args, work: Path) -> dict:
+    """Dense + the group's configurations served at once; one eval run; its eval.json."""
+    out = Path(args.out) / f"group-{k}"
+    with ExitStack() as stack:
+        servers = {"dense": stack.enter_context(
+            Server(args.model, ["--kv-sparsity", "none"], work / f"g{k}-dense"))}
+        for i, (name, flags) in enumerate(group.items()):
+            servers[name] = stack.enter_context(Server(args.model, flags, work / f"g{k}-{i}"))
+        cmd = [str(common.BIN / "vllm-kvsparse"), "eval", "--dataset", args.dataset,
+               "--limit", str(args.limit), "--max-tokens", str(args.max_tokens),
+               "--out", str(out), "--no-progress"]
+        for name, s in servers.items():
+            cmd += ["--endpoint", f"{name}={s.url}"]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        print(f"group {k}: eval {time.perf_counter() - t0:.0f} s, exit {proc.returncode}",
+              flush=True)
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stderr[-3000:])
+    return json.loads((out / "eval.json").read_text())
+
+
+def row(name: str, ep: dict, flags: list[str] | None) -> dict:
+    o = ep["overall"]
+    return {"config": name, "flags": flags,
+            "accuracy": {t: v["accuracy_relaxed"] for t, v in ep["tasks"].items()},
+            "accuracy_all": o["accuracy_relaxed"], "failures": o["failures"],
+            "OP": o["OP"], "OL": o["OL"], "kept_ratio": o["kept_ratio_mean"],
+            "kv_blocks_freed": o["kv_blocks_freed"], "ttft_ratio": o["ttft_ratio"],
+            "ttft_mean_s": o["ttft_mean_s"]}
+
+
+def markdown(rows: list[dict], tasks: list[str]) -> str:
+    head = ["configuration", *tasks, "all", "OL (loyalty)", "kept ratio", "TTFT ratio",
+            "blocks freed", "failures"]
+    return common.markdown_table(head, [
+        [r["config"], *(r["accuracy"].get(t) for t in tasks), r["accuracy_all"], r["OL"],
+         r["kept_ratio"], r["ttft_ratio"], r["kv_blocks_freed"], r["failures"]] for r in rows])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=str(MODEL))
+    ap.add_argument("--dataset", default="synthetic:all")
+    ap.add_argument("--limit", type=int, default=20, help="samples per task")
+    ap.add_argument("--max-tokens", type=int, default=12)
+    ap.add_argument("--methods", default=",".join(METHOD_NAMES))
+    ap.add_argument("--budgets", default="0.01,0.1,0.4")
+    ap.add_argument("--taus", default="0.9,0.95,0.975,0.99")
+    ap.add_argument("--parallel", type=int, default=3, help="configurations served at once")
+    ap.add_argument("--quick", action="store_true",
+                    help="zipvl 0.975 and random 0.1 on 4 samples of color (smoke run)")
+    ap.add_argument("--work-dir", default="/tmp/kvsparse-bench/eval_matrix")
+    ap.add_argument("--out", required=True, help="output folder")
+    args = ap.parse_args()
+    if args.quick:
+        args.methods, args.budgets, args.taus = "zipvl,random", "0.1", "0.975"
+        args.dataset, args.limit = "synthetic:color", 4
+    methods = [m.strip() for m in args.methods.split(",")]
+    unknown = [m for m in methods if m not in METHOD_NAMES]
+    if unknown:
+        ap.error(f"unknown method(s) {unknown}; valid: {', '.join(METHOD_NAMES)}")
+    configs = configurations(methods, [float(b) for b in args.budgets.split(",")],
+                             [float(t) for t in args.taus.split(",")])
+    names = list(configs)
+    groups = [{n: configs[n] for n in names[i:i + args.parallel]}
+              for i in range(0, len(names), args.parallel)]
+    meta = common.meta(sys.argv)
+    print(common.cpu_line(meta["machine"]), flush=True)
+    work = Path(args.work_dir)
+    rows, dense_rows, tasks = [], [], []
+    for k, group in enumerate(groups):
+        res = run_group(k, group, args, work)
+        eps = res["endpoints"]
+        tasks = list(dict.fromkeys([*tasks, *eps["dense"]["tasks"]]))
+        dense_rows.append(row(f"dense (group {k})", eps["dense"], ["--kv-sparsity", "none"]))
+        rows += [row(name, eps[name], configs[name]) for name in group]
+    table = markdown(dense_rows[:1] + rows, tasks)
+    print(table)
+    out = Path(args.out)
+    common.write_json(out / "matrix.json", {**meta, "model": args.model, "dataset": args.dataset,
+                                            "limit": args.limit, "max_tokens": args.max_tokens,
+                                            "dense": dense_rows, "rows": rows})
+    (out / "matrix.md").write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""benchmarks/eval_matrix.py without servers: every method the plugin offers gets a row per
+budget (zipvl one per tau), each row's flags are a configuration the plugin accepts, and the
+table renders every configuration (the real run serves each one: docs/eval.md)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "eval_matrix.py"
+
+
+@pytest.fixture(scope="module")
+def em():
+    sys.path.insert(0, str(SCRIPT.parent))
+    spec = importlib.util.spec_from_file_location("eval_matrix_bench", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_every_method_and_budget_is_a_valid_configuration(em):
+    from vllm_kvsparse.config import SparsityConfig
+    from vllm_kvsparse.policies import METHOD_NAMES
+
+    configs = em.configurations(list(METHOD_NAMES), [0.01, 0.1, 0.4], [0.9, 0.95, 0.975, 0.99])
+    assert len(configs) == 3 * (len(METHOD_NAMES) - 1) + 4
+    seen = set()
+    for name, flags in configs.items():
+        assert flags[0] == "--kv-sparsity" and flags[2] == "--kv-sparsity-config"
+        options = json.loads(flags[3])
+        cfg = SparsityConfig.from_options(flags[1], options)   # raises on a bad configuration
+        assert cfg.min_prompt_len == 0
+        seen.add(flags[1])
+        key = "tau" if flags[1] == "zipvl" else "budget"
+        assert name == f"{flags[1]} {key}={options[key]}"
+    assert seen == set(METHOD_NAMES)
+
+
+def test_table_has_a_row_per_configuration(em):
+    rows = [{"config": c, "accuracy": {"color": a}, "accuracy_all": a, "OL": a, "kept_ratio": k,
+             "ttft_ratio": 1.1, "kv_blocks_freed": 3, "failures": 0}
+            for c, a, k in [("dense", 1.0, None), ("random budget=0.1", 0.4, 0.3)]]
+    table = em.markdown(rows, ["color"])
+    lines = table.splitlines()
+    assert lines[0].startswith("| configuration | color | all | OL (loyalty) | kept ratio")
+    assert lines[2].startswith("| dense | 1 | 1 | 1 | - |")
+    assert lines[3].startswith("| random budget=0.1 | 0.4 | 0.4 | 0.4 | 0.3 |")
+
+
+def test_unknown_method_is_one_clear_error(em, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["eval_matrix.py", "--methods", "zipvl,bogus", "--out", "x"])
+    with pytest.raises(SystemExit) as e:
+        em.main()
+    assert e.value.code == 2
+    assert "unknown method(s) ['bogus']; valid: zipvl" in capsys.readouterr().err
