@@ -37,15 +37,16 @@ SERVE = ["--dtype", "bfloat16", "--max-model-len", "8192", "--max-num-seqs", "4"
 
 
 def configurations(methods: list[str], budgets: list[float], taus: list[float]) -> dict:
-    """name -> the `vllm serve` flags of that configuration (dense not included)."""
+    """name -> the `vllm serve` flags of that configuration (dense not included). Names have
+    no "=": they are eval's endpoint names (NAME=URL)."""
     out = {}
     for m in methods:
         if m == "zipvl":
             for tau in taus:
-                out[f"zipvl tau={tau}"] = ("zipvl", {"tau": tau})
+                out[f"zipvl tau {tau}"] = ("zipvl", {"tau": tau})
         else:
             for b in budgets:
-                out[f"{m} budget={b}"] = (m, {"budget": b})
+                out[f"{m} budget {b}"] = (m, {"budget": b})
     return {name: ["--kv-sparsity", m, "--kv-sparsity-config",
                    json.dumps({**opts, "min_prompt_len": 0})]
             for name, (m, opts) in out.items()}
@@ -59,14 +60,28 @@ class Server(ServeProcess):
                          workdir / "server.log", startup_timeout=600)
 
 
+def start_all(stack: ExitStack, servers: dict) -> dict:
+    """Start the servers at once (startup is mostly waiting on each engine's own profiling);
+    each is stopped by `stack`, also when another fails to start."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(servers)) as pool:
+        futures = {n: pool.submit(s.__enter__) for n, s in servers.items()}
+        for s in servers.values():
+            stack.callback(s.stop)
+        for f in futures.values():
+            f.result()   # raises the first startup failure; the stack stops the rest
+    return servers
+
+
 def run_group(k: int, group: dict, args, work: Path) -> dict:
     """Dense + the group's configurations served at once; one eval run; its eval.json."""
     out = Path(args.out) / f"group-{k}"
+    specs = {"dense": (["--kv-sparsity", "none"], work / f"g{k}-dense")}
+    specs.update({name: (flags, work / f"g{k}-{i}")
+                  for i, (name, flags) in enumerate(group.items())})
     with ExitStack() as stack:
-        servers = {"dense": stack.enter_context(
-            Server(args.model, ["--kv-sparsity", "none"], work / f"g{k}-dense"))}
-        for i, (name, flags) in enumerate(group.items()):
-            servers[name] = stack.enter_context(Server(args.model, flags, work / f"g{k}-{i}"))
+        servers = start_all(stack, {n: Server(args.model, f, w) for n, (f, w) in specs.items()})
         cmd = [str(common.BIN / "vllm-kvsparse"), "eval", "--dataset", args.dataset,
                "--limit", str(args.limit), "--max-tokens", str(args.max_tokens),
                "--out", str(out), "--no-progress"]
@@ -78,6 +93,8 @@ def run_group(k: int, group: dict, args, work: Path) -> dict:
               flush=True)
         if proc.returncode != 0:
             sys.stderr.write(proc.stderr[-3000:])
+        if not (out / "eval.json").is_file():   # a dataset or argument error: nothing scored
+            raise SystemExit(f"eval_matrix: group {k}: vllm-kvsparse eval wrote no results")
     return json.loads((out / "eval.json").read_text())
 
 
@@ -129,6 +146,7 @@ def main() -> int:
     meta = common.meta(sys.argv)
     print(common.cpu_line(meta["machine"]), flush=True)
     work = Path(args.work_dir)
+    out = Path(args.out)
     rows, dense_rows, tasks = [], [], []
     for k, group in enumerate(groups):
         res = run_group(k, group, args, work)
@@ -136,13 +154,14 @@ def main() -> int:
         tasks = list(dict.fromkeys([*tasks, *eps["dense"]["tasks"]]))
         dense_rows.append(row(f"dense (group {k})", eps["dense"], ["--kv-sparsity", "none"]))
         rows += [row(name, eps[name], configs[name]) for name in group]
-    table = markdown(dense_rows[:1] + rows, tasks)
+        # written after every group, so a run cut short keeps what it measured
+        table = markdown(dense_rows[:1] + rows, tasks)
+        common.write_json(out / "matrix.json", {
+            **meta, "model": args.model, "dataset": args.dataset, "limit": args.limit,
+            "max_tokens": args.max_tokens, "groups_done": k + 1, "groups": len(groups),
+            "dense": dense_rows, "rows": rows})
+        (out / "matrix.md").write_text(table + "\n")
     print(table)
-    out = Path(args.out)
-    common.write_json(out / "matrix.json", {**meta, "model": args.model, "dataset": args.dataset,
-                                            "limit": args.limit, "max_tokens": args.max_tokens,
-                                            "dense": dense_rows, "rows": rows})
-    (out / "matrix.md").write_text(table + "\n")
     return 0
 
 

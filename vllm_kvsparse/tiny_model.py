@@ -62,8 +62,9 @@ class TinyModelSpec:
     max_pixels: int = 448 * 448          # a 448x448 image -> 256 image tokens
     max_position_embeddings: int = 32768
     qk_scale: float = 1.0                # >1 sharpens attention (peaked model for sparsity tests)
-    # Qwen2-VL's 1e6 leaves M-RoPE's width section (its lowest frequencies) nearly flat across a
-    # small image grid: a model trained to tell left from right needs a smaller base.
+    # M-RoPE base. Qwen2-VL's 1e6 leaves the width section (the lowest frequencies) nearly flat
+    # across a small image grid; smaller bases were tried for the synthetic `position` task
+    # (docs/eval.md) and did not make it learnable in a session's CPU time.
     rope_theta: float = 1000000.0
     dtype: str = "bfloat16"
     seed: int = 0

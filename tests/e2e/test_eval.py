@@ -1,9 +1,9 @@
 """`vllm-kvsparse eval` against real `vllm serve` processes of the committed trained tiny model
 (tests/fixtures/tiny-qwen2vl-vqa, docs/eval.md): dense accuracy on a held-out slice of the synthetic
 suite, zipvl at tau 1.0 fully loyal to dense, random eviction of 90% of the visual tokens
-(after a dense prefill, so one-word answers are unchanged),
-the kept ratio / blocks freed in the report equal to the servers' own counters, and a dead
-endpoint and a malformed dataset line reported without losing anything else."""
+clearly less accurate (the answer word comes after a lead-in, so it is generated over the
+evicted cache), the kept ratio / blocks freed in the report equal to the servers' own counters,
+and a dead endpoint and a malformed dataset line reported without losing anything else."""
 
 import json
 import subprocess
@@ -19,8 +19,9 @@ from vllm_kvsparse.bench import metrics_scrape
 pytestmark = pytest.mark.e2e
 
 MODEL = REPO / "tests" / "fixtures" / "tiny-qwen2vl-vqa"
-TASKS = "color"  # the task the committed model is trained on (its README has the rest)
-LIMIT = 16  # held-out samples per task and endpoint
+# color: 64 visual tokens; long_color: 1,024, the needle is 4 of them (the model's README)
+TASKS = "color,long_color"
+LIMIT = 8  # held-out samples per task and endpoint
 SERVE = ["--limit-mm-per-prompt", '{"image": 4, "video": 0}']
 METHODS = {
     "dense": [],
@@ -77,14 +78,14 @@ def test_dense_accuracy_loyalty_and_random_eviction(run):
         assert t["accuracy_relaxed"] >= 0.9, (task, t)
     z = eps["zipvl"]["overall"]
     assert z["failures"] == 0 and z["OL"] == 1.0 and z["OP"] == pytest.approx(1.0)
-    # random evicts 90% of the visual tokens, but after a dense prefill: the one-word answer is
-    # the first generated token, decided before anything is evicted (docs/eval.md). So it is as
-    # accurate as dense here; a check that the image matters needs sparse prefill or longer
-    # answers (not done).
+    # random evicts 90% of the visual tokens after a dense prefill; the answer word comes after
+    # the lead-in "The answer is", over the evicted cache, and in long_color the needle is 4 of
+    # 1,024 tokens: the image matters, so the accuracy drops clearly (recorded: 0.38 vs 1.0).
     r = eps["random"]["overall"]
-    assert r["failures"] == 0 and r["kept_ratio_mean"] < 0.8  # all text + 10% of the image
+    assert r["failures"] == 0 and r["kept_ratio_mean"] < 0.3  # all text + 10% of the image
     assert r["kv_blocks_freed"] > 0
-    assert r["accuracy_relaxed"] == dense["overall"]["accuracy_relaxed"], r
+    assert r["accuracy_relaxed"] <= dense["overall"]["accuracy_relaxed"] - 0.3, r
+    assert r["OL"] < 0.8
     assert (out / "eval.md").is_file() and (out / "accuracy_vs_kept_ratio.png").stat().st_size
 
 
