@@ -1,7 +1,7 @@
 """Accuracy of every `--kv-sparsity` method at several budgets on one model: the method x budget
 table of docs/eval.md, each configuration a real `vllm serve`, scored by `vllm-kvsparse eval`.
 
-    python benchmarks/eval_matrix.py --out benchmarks/results/eval_matrix     # ~30-40 min on 2 cores
+    python benchmarks/eval_matrix.py --out benchmarks/results/eval_matrix     # ~30 min on 2 cores
     python benchmarks/eval_matrix.py --quick --out /tmp/em                    # smoke run
 
 Configurations: dense (`--kv-sparsity none`); zipvl at each --taus; every other method the
@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from vllm_kvsparse.bench.server import ServeProcess  # noqa: E402
+from vllm_kvsparse.bench.server import ServeProcess, start_all  # noqa: E402
 from vllm_kvsparse.policies import METHOD_NAMES  # noqa: E402
 
 MODEL = common.REPO / "tests" / "fixtures" / "tiny-qwen2vl-vqa"
@@ -36,7 +36,8 @@ SERVE = ["--dtype", "bfloat16", "--max-model-len", "8192", "--max-num-seqs", "4"
          "--limit-mm-per-prompt", '{"image": 4, "video": 0}']
 
 
-def configurations(methods: list[str], budgets: list[float], taus: list[float]) -> dict:
+def configurations(methods: list[str], budgets: list[float], taus: list[float],
+                   fastv_k: int = 1) -> dict:
     """name -> the `vllm serve` flags of that configuration (dense not included). Names have
     no "=": they are eval's endpoint names (NAME=URL)."""
     out = {}
@@ -46,7 +47,8 @@ def configurations(methods: list[str], budgets: list[float], taus: list[float]) 
                 out[f"zipvl tau {tau}"] = ("zipvl", {"tau": tau})
         else:
             for b in budgets:
-                out[f"{m} budget {b}"] = (m, {"budget": b})
+                extra = {"k": fastv_k} if m == "fastv" else {}
+                out[f"{m} budget {b}"] = (m, {"budget": b, **extra})
     return {name: ["--kv-sparsity", m, "--kv-sparsity-config",
                    json.dumps({**opts, "min_prompt_len": 0})]
             for name, (m, opts) in out.items()}
@@ -58,20 +60,6 @@ class Server(ServeProcess):
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)   # serve as users run it
         super().__init__(str(common.BIN / "vllm"), model, SERVE + args, env,
                          workdir / "server.log", startup_timeout=600)
-
-
-def start_all(stack: ExitStack, servers: dict) -> dict:
-    """Start the servers at once (startup is mostly waiting on each engine's own profiling);
-    each is stopped by `stack`, also when another fails to start."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(len(servers)) as pool:
-        futures = {n: pool.submit(s.__enter__) for n, s in servers.items()}
-        for s in servers.values():
-            stack.callback(s.stop)
-        for f in futures.values():
-            f.result()   # raises the first startup failure; the stack stops the rest
-    return servers
 
 
 def run_group(k: int, group: dict, args, work: Path) -> dict:
@@ -119,12 +107,16 @@ def markdown(rows: list[dict], tasks: list[str]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(MODEL))
-    ap.add_argument("--dataset", default="synthetic:all")
-    ap.add_argument("--limit", type=int, default=20, help="samples per task")
-    ap.add_argument("--max-tokens", type=int, default=12)
+    # the tasks the committed model answers (tests/fixtures/tiny-qwen2vl-vqa/README.md)
+    ap.add_argument("--dataset", default="synthetic:color,long_color,long4k_color")
+    ap.add_argument("--limit", type=int, default=8, help="samples per task")
+    ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--methods", default=",".join(METHOD_NAMES))
     ap.add_argument("--budgets", default="0.01,0.1,0.4")
     ap.add_argument("--taus", default="0.9,0.95,0.975,0.99")
+    ap.add_argument("--fastv-k", type=int, default=1,
+                    help="FastV's k (default 1: the committed model has 2 layers, and FastV's "
+                         "own default k=2 would prune no layer of it)")
     ap.add_argument("--parallel", type=int, default=3, help="configurations served at once")
     ap.add_argument("--quick", action="store_true",
                     help="zipvl 0.975 and random 0.1 on 4 samples of color (smoke run)")
@@ -139,7 +131,7 @@ def main() -> int:
     if unknown:
         ap.error(f"unknown method(s) {unknown}; valid: {', '.join(METHOD_NAMES)}")
     configs = configurations(methods, [float(b) for b in args.budgets.split(",")],
-                             [float(t) for t in args.taus.split(",")])
+                             [float(t) for t in args.taus.split(",")], args.fastv_k)
     names = list(configs)
     groups = [{n: configs[n] for n in names[i:i + args.parallel]}
               for i in range(0, len(names), args.parallel)]

@@ -15,6 +15,7 @@ import requests
 from helpers import BIN, REPO, VllmServer, free_port
 
 from vllm_kvsparse.bench import metrics_scrape
+from vllm_kvsparse.bench.server import start_all
 
 pytestmark = pytest.mark.e2e
 
@@ -38,9 +39,9 @@ N = LIMIT * len(TASKS.split(","))
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     with ExitStack() as stack:
-        yield {name: stack.enter_context(VllmServer(str(MODEL), SERVE + args,
-                                                    tmp_path_factory.mktemp(name)))
-               for name, args in METHODS.items()}
+        yield start_all(stack, {name: VllmServer(str(MODEL), SERVE + args,
+                                                 tmp_path_factory.mktemp(name))
+                                for name, args in METHODS.items()})
 
 
 def _counters(url: str) -> dict:

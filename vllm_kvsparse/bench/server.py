@@ -87,3 +87,18 @@ class ServeProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def start_all(stack, servers: dict) -> dict:
+    """Start several ServeProcess servers at once (most of a start is each engine's own
+    profiling and warm-up, which overlap) and register each one's stop with `stack` (an
+    ExitStack), so all are stopped, also when one fails to start. Returns `servers`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(len(servers), 1)) as pool:
+        futures = [pool.submit(s.__enter__) for s in servers.values()]
+        for s in servers.values():
+            stack.callback(s.stop)
+        for f in futures:
+            f.result()   # the first startup failure; the stack stops the others
+    return servers

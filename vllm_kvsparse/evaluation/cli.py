@@ -42,7 +42,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="samples per task for synthetic (default 50); first N lines of a JSONL")
     p.add_argument("--model", help="model name to request (default: first from /v1/models)")
     p.add_argument("--concurrency", type=_int_at_least(1), default=4)
-    p.add_argument("--max-tokens", type=_int_at_least(1), default=8)
+    p.add_argument("--max-tokens", type=_int_at_least(1), default=16)
     p.add_argument("--retries", type=_int_at_least(0), default=3,
                    help="retries of a request that fails on a connection error (default 3)")
     p.add_argument("--timeout", type=_positive_float, default=300.0)
