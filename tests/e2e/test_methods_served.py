@@ -4,12 +4,14 @@ method; `budget: 1.0` (keep everything) token-identical to `--kv-sparsity none`.
 
 import json
 import time
+from contextlib import ExitStack
 
 import pytest
 from helpers import VllmServer, chat_image, make_image, run_offline
 from test_metrics import scrape, value
 
 from vllm_kvsparse import eviction
+from vllm_kvsparse.bench.server import start_all
 from vllm_kvsparse.policies import METHOD_NAMES
 from vllm_kvsparse.records import read_records
 
@@ -31,24 +33,45 @@ def blocks_freed_by(record: dict) -> int:
     return full - front // BLOCK
 
 
+def _serve_args(method: str, rec) -> list[str]:
+    options = {"min_prompt_len": 0, "record_dir": str(rec), **LOW.get(method, {"budget": 0.3})}
+    return ["--kv-sparsity", method, "--kv-sparsity-config", json.dumps(options)]
+
+
+def _exercise(srv, method: str) -> dict:
+    """Two image requests, then the server's metrics and log."""
+    client = srv.client()
+    answers = [chat_image(client, make_image(seed=seed), max_tokens=8) for seed in (1, 2)]
+    time.sleep(1.0)   # let the last step's stats land
+    return {"answers": answers, "samples": scrape(srv.url),
+            "model": client.models.list().data[0].id, "log": srv.log()}
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model, tmp_path_factory):
+    """Every method's server exercised, 3 servers started at once (a start is mostly each
+    engine's own profiling and warm-up, which overlap): method -> results and record dir."""
+    out = {}
+    for i in range(0, len(METHOD_NAMES), 3):
+        batch = {m: tmp_path_factory.mktemp(m) for m in METHOD_NAMES[i:i + 3]}
+        with ExitStack() as stack:
+            servers = start_all(stack, {m: VllmServer(tiny_model, _serve_args(m, d / "records"),
+                                                      d / "srv") for m, d in batch.items()})
+            for m, srv in servers.items():
+                out[m] = {**_exercise(srv, m), "records": batch[m] / "records"}
+    return out
+
+
 @pytest.mark.parametrize("method", METHOD_NAMES)   # zipvl's served metrics: test_metrics.py too
-def test_method_served_frees_the_blocks_its_kept_sets_imply(method, tiny_model, tmp_path):
-    rec = tmp_path / "records"
-    options = {"min_prompt_len": 0, "record_dir": str(rec),
-               **LOW.get(method, {"budget": 0.3})}
-    args = ["--kv-sparsity", method, "--kv-sparsity-config", json.dumps(options)]
-    with VllmServer(tiny_model, args, tmp_path / "srv") as srv:
-        client = srv.client()
-        for seed in (1, 2):
-            answer = chat_image(client, make_image(seed=seed), max_tokens=8)
-            # random weights: the 8 tokens may detokenize to nothing; that they came is the point
-            assert answer.choices[0].finish_reason == "length"
-            assert answer.usage.completion_tokens == 8
-        time.sleep(1.0)   # let the last step's stats land
-        samples = scrape(srv.url)
-        model = client.models.list().data[0].id
-        assert "vllm-kvsparse: kv-sparsity=" + method in srv.log()
-    records = read_records(str(rec))
+def test_method_served_frees_the_blocks_its_kept_sets_imply(method, served):
+    res = served[method]
+    for answer in res["answers"]:
+        # random weights: the 8 tokens may detokenize to nothing; that they came is the point
+        assert answer.choices[0].finish_reason == "length"
+        assert answer.usage.completion_tokens == 8
+    assert "vllm-kvsparse: kv-sparsity=" + method in res["log"]
+    samples, model = res["samples"], res["model"]
+    records = read_records(str(res["records"]))
     assert {r["method"] for r in records} == {method}
     assert len({(r["req_id"], r["layer"]) for r in records}) == 2 * 2   # 2 requests x 2 layers
     labels = {"model_name": model, "method": method}
