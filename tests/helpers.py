@@ -84,3 +84,16 @@ def chat_image(client, img, question: str = "What is in this image?", max_tokens
         messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": image_data_url(img)}},
             {"type": "text", "text": question}]}])
+
+
+def load_benchmark(name: str):
+    """benchmarks/NAME.py imported as a module (the benchmarks are scripts, not a package;
+    their `import common` needs benchmarks/ on sys.path)."""
+    import importlib.util
+
+    script = REPO / "benchmarks" / f"{name}.py"
+    sys.path.insert(0, str(script.parent))
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

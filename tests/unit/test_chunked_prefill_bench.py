@@ -4,24 +4,20 @@ measurements (the real run needs three `vllm serve` processes: see docs/benchmar
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import load_benchmark
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "chunked_prefill.py"
 
 
 @pytest.fixture(scope="module")
 def cp():
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("chunked_prefill_bench", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("chunked_prefill")
 
 
 def test_help_runs():

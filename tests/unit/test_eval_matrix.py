@@ -4,23 +4,17 @@ table renders every configuration (the real run serves each one: docs/eval.md)."
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import load_benchmark
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "eval_matrix.py"
 
 
 @pytest.fixture(scope="module")
 def em():
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("eval_matrix_bench", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("eval_matrix")
 
 
 def test_every_method_and_budget_is_a_valid_configuration(em):
