@@ -97,6 +97,17 @@ def isolated_env(workdir: Path) -> dict[str, str]:
     return env
 
 
+def serve_process(model: str, args: list[str], workdir: Path, startup_timeout: float):
+    """`vllm serve MODEL ARGS` with the benchmarks' isolated environment (own TMPDIR and
+    caches), API server and engine core in their own processes as users run them."""
+    from vllm_kvsparse.bench.server import ServeProcess
+
+    env = isolated_env(workdir)
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)   # serve as users run it
+    return ServeProcess(str(BIN / "vllm"), model, args, env, workdir / "server.log",
+                        startup_timeout)
+
+
 def other_busy_processes() -> list[str]:
     """Other processes that compete for the CPU (test suites, servers, installs), as noted in
     the results: timings taken next to them are contended."""

@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from vllm_kvsparse.bench.server import ServeProcess, start_all  # noqa: E402
+from vllm_kvsparse.bench.server import start_all  # noqa: E402
 from vllm_kvsparse.policies import METHOD_NAMES  # noqa: E402
 
 MODEL = common.REPO / "tests" / "fixtures" / "tiny-qwen2vl-vqa"
@@ -54,14 +54,6 @@ def configurations(methods: list[str], budgets: list[float], taus: list[float],
             for name, (m, opts) in out.items()}
 
 
-class Server(ServeProcess):
-    def __init__(self, model: str, args: list[str], workdir: Path):
-        env = common.isolated_env(workdir)
-        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)   # serve as users run it
-        super().__init__(str(common.BIN / "vllm"), model, SERVE + args, env,
-                         workdir / "server.log", startup_timeout=600)
-
-
 def run_group(k: int, group: dict, args, work: Path) -> dict:
     """Dense + the group's configurations served at once; one eval run; its eval.json."""
     out = Path(args.out) / f"group-{k}"
@@ -69,7 +61,8 @@ def run_group(k: int, group: dict, args, work: Path) -> dict:
     specs.update({name: (flags, work / f"g{k}-{i}")
                   for i, (name, flags) in enumerate(group.items())})
     with ExitStack() as stack:
-        servers = start_all(stack, {n: Server(args.model, f, w) for n, (f, w) in specs.items()})
+        servers = start_all(stack, {n: common.serve_process(args.model, SERVE + f, w, 600)
+                                    for n, (f, w) in specs.items()})
         cmd = [str(common.BIN / "vllm-kvsparse"), "eval", "--dataset", args.dataset,
                "--limit", str(args.limit), "--max-tokens", str(args.max_tokens),
                "--out", str(out), "--no-progress"]
