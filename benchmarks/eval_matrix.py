@@ -3,6 +3,11 @@ table of docs/eval.md, each configuration a real `vllm serve`, scored by `vllm-k
 
     python benchmarks/eval_matrix.py --out benchmarks/results/eval_matrix     # ~30 min on 2 cores
     python benchmarks/eval_matrix.py --quick --out /tmp/em                    # smoke run
+    python benchmarks/eval_matrix.py --merge RUN_DIR RUN_DIR ... --out DIR     # one table
+
+--merge joins the matrix.json of several runs on the same model and dataset (a run cut short,
+then the rest) into one table, configurations in the plugin's method order; each row keeps
+the ratios measured against the dense server of its own group.
 
 Configurations: dense (`--kv-sparsity none`); zipvl at each --taus; every other method the
 plugin offers at each --budgets (its `budget` key, the method's other defaults). All with
@@ -97,6 +102,31 @@ def markdown(rows: list[dict], tasks: list[str]) -> str:
          r["kept_ratio"], r["ttft_ratio"], r["kv_blocks_freed"], r["failures"]] for r in rows])
 
 
+def merge(run_dirs: list[str], out: Path, argv: list[str]) -> str:
+    """One matrix.json/matrix.md from several runs' matrix.json (same model and dataset)."""
+    runs = [json.loads((Path(d) / "matrix.json").read_text()) for d in run_dirs]
+    for r, d in zip(runs[1:], run_dirs[1:]):
+        for key in ("dataset", "limit"):
+            if r[key] != runs[0][key]:
+                raise SystemExit(f"eval_matrix --merge: {d} has {key} {r[key]!r}, "
+                                 f"{run_dirs[0]} has {runs[0][key]!r}")
+    order = {m: i for i, m in enumerate(METHOD_NAMES)}
+    rows = {r["config"]: r for run in runs for r in run["rows"]}   # a later run wins
+    rows = sorted(rows.values(), key=lambda r: (order.get(r["flags"][1], len(order)),
+                                               json.loads(r["flags"][3]).get("tau", 0),
+                                               json.loads(r["flags"][3]).get("budget", 0)))
+    tasks = list(dict.fromkeys(t for r in rows for t in r["accuracy"]))
+    table = markdown([runs[0]["dense"][0], *rows], tasks)
+    common.write_json(out / "matrix.json", {
+        **common.meta(argv), "merged_from": [{"dir": d, "command": r["command"],
+                                              "date": r["date"], "machine": r["machine"]}
+                                             for d, r in zip(run_dirs, runs)],
+        "model": runs[0]["model"], "dataset": runs[0]["dataset"], "limit": runs[0]["limit"],
+        "dense": [d for r in runs for d in r["dense"]], "rows": rows})
+    (out / "matrix.md").write_text(table + "\n")
+    return table
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(MODEL))
@@ -114,8 +144,13 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true",
                     help="zipvl 0.975 and random 0.1 on 4 samples of color (smoke run)")
     ap.add_argument("--work-dir", default="/tmp/kvsparse-bench/eval_matrix")
+    ap.add_argument("--merge", nargs="+", metavar="RUN_DIR",
+                    help="join these runs' matrix.json into one table (serves nothing)")
     ap.add_argument("--out", required=True, help="output folder")
     args = ap.parse_args()
+    if args.merge:
+        print(merge(args.merge, Path(args.out), sys.argv))
+        return 0
     if args.quick:
         args.methods, args.budgets, args.taus = "zipvl,random", "0.1", "0.975"
         args.dataset, args.limit = "synthetic:color", 4

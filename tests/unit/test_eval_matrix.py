@@ -52,3 +52,35 @@ def test_unknown_method_is_one_clear_error(em, monkeypatch, capsys):
         em.main()
     assert e.value.code == 2
     assert "unknown method(s) ['bogus']; valid: zipvl" in capsys.readouterr().err
+
+
+def test_merge_joins_runs_in_method_order(em, tmp_path):
+    def run(name, rows, limit=8):
+        d = tmp_path / name
+        d.mkdir()
+        dense = {"config": "dense (group 0)", "flags": ["--kv-sparsity", "none"],
+                 "accuracy": {"color": 1.0}, "accuracy_all": 1.0, "OL": 1.0,
+                 "kept_ratio": None, "ttft_ratio": 1.0, "kv_blocks_freed": None, "failures": 0}
+        (d / "matrix.json").write_text(json.dumps({
+            "command": f"python eval_matrix.py {name}", "date": "d", "machine": {},
+            "model": "m", "dataset": "synthetic:color", "limit": limit, "dense": [dense],
+            "rows": [{"config": c, "flags": em.configurations([m], [b], [b])[c],
+                      "accuracy": {"color": a}, "accuracy_all": a, "OL": a, "kept_ratio": b,
+                      "ttft_ratio": 1.0, "kv_blocks_freed": 1, "failures": 0}
+                     for c, m, b, a in rows]}))
+        return str(d)
+
+    first = run("a", [("snapkv budget 0.4", "snapkv", 0.4, 1.0),
+                      ("snapkv budget 0.1", "snapkv", 0.1, 0.5)])
+    rest = run("b", [("aircache budget 0.1", "aircache", 0.1, 0.75),
+                     ("zipvl tau 0.9", "zipvl", 0.9, 1.0)])
+    table = em.merge([first, rest], tmp_path / "all", ["eval_matrix.py"])
+    names = [line.split(" | ")[0].lstrip("| ") for line in table.splitlines()[2:]]
+    assert names == ["dense (group 0)", "zipvl tau 0.9", "snapkv budget 0.1",
+                     "snapkv budget 0.4", "aircache budget 0.1"]
+    merged = json.loads((tmp_path / "all" / "matrix.json").read_text())
+    assert [m["dir"] for m in merged["merged_from"]] == [first, rest]
+    assert len(merged["rows"]) == 4 and len(merged["dense"]) == 2
+    other = run("c", [("zipvl tau 0.95", "zipvl", 0.95, 1.0)], limit=4)
+    with pytest.raises(SystemExit, match="has limit 4"):
+        em.merge([first, other], tmp_path / "bad", ["eval_matrix.py"])
