@@ -1,0 +1,96 @@
+"""Where does a model look when it answers? For a checkpoint and a synthetic task: per layer, the
+share of the answer word's attention that lands on the images and on the needle (the visual
+tokens a square covers), and the needle's "lift": mean attention per needle token / mean per
+visual token (1 = no preference, > 1 = the model looks at the square). Transformers' eager
+attention, teacher-forced on the expected answer, at the position that predicts the answer word.
+
+    python -m vllm_kvsparse.evaluation.attention_map tests/fixtures/tiny-qwen2vl-vqa --task color
+
+Why it matters: the KV methods keep the tokens attention points at. If a model pools the
+whole image uniformly (lift ~1), a method's score on it says little about keeping needles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def needle_mask(image, grid_h: int, grid_w: int):
+    """bool[grid_h * grid_w]: the merged visual tokens whose cell holds a square's pixel (the
+    suite's backgrounds are grey 90..165; squares are coloured, black or white)."""
+    import numpy as np
+
+    a = np.asarray(image.convert("RGB").resize((grid_w * 28, grid_h * 28)), dtype=np.int16)
+    odd = (a.max(-1) - a.min(-1) > 30) | (a.max(-1) < 60) | (a.min(-1) > 200)
+    return odd.reshape(grid_h, 28, grid_w, 28).any(axis=(1, 3)).reshape(-1)
+
+
+def answer_attention(model, processor, sample) -> list[dict]:
+    """Per layer: image share, needle share and needle lift (mean over heads)."""
+    import numpy as np
+    import torch
+
+    from vllm_kvsparse.evaluation.train import _batch
+
+    enc = _batch(processor, [sample])
+    labels = enc.pop("labels")[0]
+    with torch.no_grad():
+        out = model(**enc, output_attentions=True)
+    ids = enc["input_ids"][0]
+    image_pos = (ids == model.config.image_token_id).nonzero()[:, 0]
+    merge = model.config.vision_config.spatial_merge_size
+    masks = [needle_mask(img, int(h) // merge, int(w) // merge)
+             for img, (_, h, w) in zip(sample.pil_images(), enc["image_grid_thw"].tolist())]
+    needle = torch.from_numpy(np.concatenate(masks))
+    answer = (labels != -100).nonzero()[:, 0]
+    n_lead = len(processor.tokenizer.encode(sample.answers[0].rsplit(" ", 1)[0]))
+    query = answer[n_lead] - 1            # the position whose logits predict the answer word
+    rows = []
+    for layer, att in enumerate(out.attentions):
+        a = att[0, :, query, image_pos].float().mean(0)      # heads averaged
+        per_token = a.sum() / len(a)
+        rows.append({"layer": layer, "image_share": a.sum().item(),
+                     "needle_share": a[needle].sum().item(),
+                     "needle_tokens": int(needle.sum()), "visual_tokens": len(a),
+                     "needle_lift": (a[needle].mean() / per_token).item()
+                     if needle.any() else None})
+    return rows
+
+
+def main() -> int:
+    import torch
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    from vllm_kvsparse.evaluation import synthetic
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model")
+    ap.add_argument("--task", default="color", choices=synthetic.TASKS)
+    ap.add_argument("-n", type=int, default=8, help="held-out samples")
+    ap.add_argument("--json", help="also write the per-sample rows here")
+    args = ap.parse_args()
+    model = Qwen2VLForConditionalGeneration.from_pretrained(
+        args.model, dtype=torch.float32, attn_implementation="eager").eval()
+    processor = AutoProcessor.from_pretrained(args.model)
+    per_sample = [answer_attention(model, processor, s)
+                  for s in synthetic.generate([args.task], args.n)]
+    print(f"{args.model}, task {args.task}, {args.n} held-out samples (mean):")
+    print("| layer | image share | needle share | needle tokens / visual | needle lift |")
+    print("|---|---|---|---|---|")
+    for layer in range(len(per_sample[0])):
+        rs = [s[layer] for s in per_sample]
+        mean = lambda k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+        lifts = [r["needle_lift"] for r in rs if r["needle_lift"] is not None]
+        print(f"| {layer} | {mean('image_share'):.3f} | {mean('needle_share'):.3f} | "
+              f"{mean('needle_tokens'):.1f} / {mean('visual_tokens'):.0f} | "
+              f"{sum(lifts) / max(len(lifts), 1):.2f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "task": args.task, "samples": per_sample}, f,
+                      indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
