@@ -5,6 +5,7 @@ report on a dead endpoint."""
 import json
 import math
 
+import numpy as np
 import pytest
 
 from vllm_kvsparse.evaluation import cli as ecli
@@ -137,3 +138,22 @@ def test_synthetic_suite_is_deterministic_and_answers_are_words():
         synthetic.parse_tasks("nope")
     counts = {synthetic.sample("multi_image", i).question.count("<image>") for i in range(30)}
     assert counts == {2, 3, 4}
+
+
+def test_synthetic_squares_sit_on_the_token_grid():
+    """A square covers exactly 2x2 visual tokens; `position`'s squares are two token columns
+    apart at least (left: columns 0-2 of 8, right: 5-7); adding a task keeps every other
+    task's samples (each task is seeded by its own id)."""
+    from vllm_kvsparse.evaluation.attention_map import needle_mask
+
+    assert set(synthetic._TASK_IDS) == set(synthetic.TASKS)
+    assert len(set(synthetic._TASK_IDS.values())) == len(synthetic.TASKS)
+    for i in range(10):
+        (img,) = synthetic.sample("color", i).pil_images()
+        assert needle_mask(img, 8, 8).sum() == 4
+        s = synthetic.sample("position", i)
+        cols = sorted({int(c) for c in
+                       np.argwhere(needle_mask(s.pil_images()[0], 8, 8).reshape(8, 8))[:, 1]})
+        assert len(cols) == 4 and cols[1] <= 2 and cols[2] >= 5, cols
+        (img,) = synthetic.sample("long_color", i).pil_images()
+        assert needle_mask(img, 32, 32).sum() == 4

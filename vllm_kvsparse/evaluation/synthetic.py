@@ -38,6 +38,10 @@ TASKS = ("color", "position", "count", "multi_image", "long_color", "long_multi"
 SHORT_TASKS = ("color", "position", "count", "multi_image")
 LONG_TASKS = ("long_color", "long_multi", "long4k_color")
 _SPLITS = {"train": 0, "test": 1}
+# Each task's stream of samples is seeded by its own id, so adding a task never changes the
+# others' samples (id 0 was a diagnostic task, "side", used while training the committed model).
+_TASK_IDS = {"color": 1, "position": 2, "count": 3, "multi_image": 4, "long_color": 5,
+             "long_multi": 6, "long4k_color": 7}
 
 
 @dataclass
@@ -73,11 +77,16 @@ def _draw(img, xy, color: str) -> None:
     ImageDraw.Draw(img).rectangle([x, y, x + SQUARE - 1, y + SQUARE - 1], fill=COLORS[color])
 
 
+CELL = 28  # one visual token: Qwen2-VL's 14-px patches, merged 2x2
+
+
 def _spots(rng, n: int, x_range, y_range) -> list[tuple[int, int]]:
-    """n non-overlapping square corners (with a gap) inside the ranges."""
+    """n non-overlapping square corners (with a gap) inside the ranges, on the visual-token
+    grid: a square covers exactly 2x2 tokens."""
     out: list[tuple[int, int]] = []
     while len(out) < n:
-        p = (int(rng.integers(*x_range)), int(rng.integers(*y_range)))
+        p = (CELL * int(rng.integers(-(-x_range[0] // CELL), x_range[1] // CELL + 1)),
+             CELL * int(rng.integers(-(-y_range[0] // CELL), y_range[1] // CELL + 1)))
         if all(abs(p[0] - q[0]) > SQUARE + 8 or abs(p[1] - q[1]) > SQUARE + 8 for q in out):
             out.append(p)
     return out
@@ -105,8 +114,9 @@ def _make(task: str, rng) -> tuple[str, list[str], Callable[[], list]]:
         return "What color is the square?", [c], render
     if task == "position":
         c1, c2 = (names[i] for i in rng.permutation(len(names))[:2])
-        left = _spots(rng, 1, (0, 112 - SQUARE), (0, 224 - SQUARE))[0]
-        right = _spots(rng, 1, (112, 224 - SQUARE), (0, 224 - SQUARE))[0]
+        # token columns 0-2 and 5-7 of 8: two columns apart at least
+        left = _spots(rng, 1, (0, 28), (0, 224 - SQUARE))[0]
+        right = _spots(rng, 1, (140, 224 - SQUARE), (0, 224 - SQUARE))[0]
         side = "left" if rng.integers(2) == 0 else "right"
         bg = int(rng.integers(1 << 31))
 
@@ -163,7 +173,7 @@ def sample(task: str, index: int, seed: int = 0, split: str = "test") -> Sample:
 
     if task not in TASKS:
         raise ValueError(f"unknown synthetic task {task!r}; tasks: {', '.join(TASKS)}")
-    rng = np.random.default_rng([seed, _SPLITS[split], TASKS.index(task), index])
+    rng = np.random.default_rng([seed, _SPLITS[split], _TASK_IDS[task], index])
     question, (word,), render = _make(task, rng)
     return Sample(id=f"{task}-{split}-{seed}-{index}", task=task, question=question,
                   answers=[f"{LEAD_IN} {word}.", word], render=render)
