@@ -63,8 +63,8 @@ class TinyModelSpec:
     max_position_embeddings: int = 32768
     qk_scale: float = 1.0                # >1 sharpens attention (peaked model for sparsity tests)
     # M-RoPE base. Qwen2-VL's 1e6 leaves the width section (the lowest frequencies) nearly flat
-    # across a small image grid; smaller bases were tried for the synthetic `position` task
-    # (docs/eval.md) and did not make it learnable in a session's CPU time.
+    # across a small image grid, so left and right look alike to every query; at base 10 the
+    # synthetic `position` task is learnable (tests/fixtures/tiny-qwen2vl-vqa/README.md).
     rope_theta: float = 1000000.0
     dtype: str = "bfloat16"
     seed: int = 0
