@@ -111,10 +111,13 @@ def merge(run_dirs: list[str], out: Path, argv: list[str]) -> str:
                 raise SystemExit(f"eval_matrix --merge: {d} has {key} {r[key]!r}, "
                                  f"{run_dirs[0]} has {runs[0][key]!r}")
     order = {m: i for i, m in enumerate(METHOD_NAMES)}
+
+    def method_then_setting(row):   # flags: --kv-sparsity METHOD --kv-sparsity-config JSON
+        opts = json.loads(row["flags"][3])
+        return order.get(row["flags"][1], len(order)), opts.get("tau", 0), opts.get("budget", 0)
+
     rows = {r["config"]: r for run in runs for r in run["rows"]}   # a later run wins
-    rows = sorted(rows.values(), key=lambda r: (order.get(r["flags"][1], len(order)),
-                                               json.loads(r["flags"][3]).get("tau", 0),
-                                               json.loads(r["flags"][3]).get("budget", 0)))
+    rows = sorted(rows.values(), key=method_then_setting)
     tasks = list(dict.fromkeys(t for r in rows for t in r["accuracy"]))
     table = markdown([runs[0]["dense"][0], *rows], tasks)
     common.write_json(out / "matrix.json", {

@@ -11,7 +11,6 @@ import pytest
 from helpers import load_benchmark
 
 
-
 @pytest.fixture(scope="module")
 def em():
     return load_benchmark("eval_matrix")

@@ -21,9 +21,11 @@ def needle_mask(image, grid_h: int, grid_w: int):
     suite's backgrounds are grey 90..165; squares are coloured, black or white)."""
     import numpy as np
 
-    a = np.asarray(image.convert("RGB").resize((grid_w * 28, grid_h * 28)), dtype=np.int16)
+    from vllm_kvsparse.evaluation.synthetic import CELL
+
+    a = np.asarray(image.convert("RGB").resize((grid_w * CELL, grid_h * CELL)), dtype=np.int16)
     odd = (a.max(-1) - a.min(-1) > 30) | (a.max(-1) < 60) | (a.min(-1) > 200)
-    return odd.reshape(grid_h, 28, grid_w, 28).any(axis=(1, 3)).reshape(-1)
+    return odd.reshape(grid_h, CELL, grid_w, CELL).any(axis=(1, 3)).reshape(-1)
 
 
 def answer_attention(model, processor, sample) -> list[dict]:
