@@ -44,11 +44,16 @@ def test_train_tiny_few_steps_deterministic(tmp_path):
 def test_train_tiny_continues_from_a_checkpoint(tmp_path):
     _train(tmp_path / "a")
     # --init takes the checkpoint's architecture (not --layers) and its weights
-    _train(tmp_path / "c", "--init", str(tmp_path / "a"), "--layers", "2", "--rope-theta", "50")
+    # (and --mixed-batches: every batch draws its tasks per sample from the short ones)
+    _train(tmp_path / "c", "--init", str(tmp_path / "a"), "--layers", "2", "--rope-theta", "50",
+           "--mixed-batches", "--mix", "color:1,position:1,long_color:1")
     spec = json.loads((tmp_path / "c" / "tiny_model_spec.json").read_text())
     assert spec == json.loads((tmp_path / "a" / "tiny_model_spec.json").read_text())
     info = json.loads((tmp_path / "c" / "training.json").read_text())
     assert info["init"] == str(tmp_path / "a") and len(info["history"]) == 3
+    assert info["mixed_batches"] is True
+    for row in info["history"]:   # a short batch names the tasks it mixed; long ones their own
+        assert row["task"] == "long_color" or set(row["task"].split("+")) <= {"color", "position"}
     a, c = ((tmp_path / d / "model.safetensors").read_bytes() for d in "ac")
     assert a != c and len(a) == len(c)
     err = _train(tmp_path / "a", "--init", str(tmp_path / "a"), ok=False).stderr

@@ -82,7 +82,7 @@ def answer_accuracy(model, processor, samples, batch_size: int = 8) -> float:
 
 def train(out_dir: str, *, steps: int, batch_size: int, lr: float, warmup: int, mix: dict,
           seed: int, threads: int, spec=None, eval_every: int = 0, eval_n: int = 16,
-          long_batch_size: int = 2, init: str | None = None,
+          long_batch_size: int = 2, init: str | None = None, mixed_batches: bool = False,
           progress: bool = True, log=print) -> dict:
     import numpy as np
     import torch
@@ -123,9 +123,21 @@ def train(out_dir: str, *, steps: int, batch_size: int, lr: float, warmup: int, 
                 log(f"stopped by SIGINT/SIGTERM after {step} steps; saving the model")
                 break
             task = tasks[int(rng.choice(len(tasks), p=weights / weights.sum()))]
-            n = long_batch_size if task in synthetic.LONG_TASKS else batch_size
-            batch = [synthetic.sample(task, counters[task] + i, seed, "train") for i in range(n)]
-            counters[task] += n
+            if mixed_batches and task not in synthetic.LONG_TASKS:
+                # one batch of several short tasks: each update serves all of them, so learning
+                # one task does not undo another the way alternating one-task batches can
+                short = [i for i, t in enumerate(tasks) if t not in synthetic.LONG_TASKS]
+                picks = rng.choice(short, size=batch_size, p=weights[short] / weights[short].sum())
+                batch = []
+                for i in picks.tolist():
+                    batch.append(synthetic.sample(tasks[i], counters[tasks[i]], seed, "train"))
+                    counters[tasks[i]] += 1
+                task = "+".join(sorted({tasks[i] for i in picks.tolist()}))
+            else:
+                n = long_batch_size if task in synthetic.LONG_TASKS else batch_size
+                batch = [synthetic.sample(task, counters[task] + i, seed, "train")
+                         for i in range(n)]
+                counters[task] += n
             enc = _batch(processor, batch)
             loss = model(**enc).loss
             opt.zero_grad(set_to_none=True)
@@ -155,7 +167,7 @@ def train(out_dir: str, *, steps: int, batch_size: int, lr: float, warmup: int, 
     with open(os.path.join(out_dir, "tiny_model_spec.json"), "w") as f:
         json.dump(asdict(_replace(spec, dtype="bfloat16", seed=seed)), f, indent=1,
                   sort_keys=True)
-    info = {"init": init, "steps": steps, "stopped_at_step": stopped_at, "batch_size": batch_size, "long_batch_size": long_batch_size,
+    info = {"init": init, "steps": steps, "mixed_batches": mixed_batches, "stopped_at_step": stopped_at, "batch_size": batch_size, "long_batch_size": long_batch_size,
             "lr": lr, "warmup": warmup, "mix": mix,
             "seed": seed, "threads": threads, "train_seconds": round(time.perf_counter()
                                                                      - t_start, 1),
@@ -218,6 +230,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--mix", default=DEFAULT_MIX,
                    help=f"task:weight,... sampled per batch (default {DEFAULT_MIX})")
+    p.add_argument("--mixed-batches", action="store_true",
+                   help="draw the short tasks per sample, so a batch mixes them (default: one "
+                        "task per batch); long tasks keep their own batches")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on a shared machine more threads wait "
                         "on each other; results depend on it)")
@@ -250,7 +265,7 @@ def main(args: argparse.Namespace) -> int:
     info = train(args.out_dir, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                  warmup=args.warmup, mix=mix, long_batch_size=args.long_batch_size,
                  seed=args.seed, threads=args.threads, spec=spec, eval_every=args.eval_every,
-                 init=args.init,
+                 init=args.init, mixed_batches=args.mixed_batches,
                  progress=not args.no_progress,
                  log=lambda m: print(m, file=sys.stderr))
     done = info["stopped_at_step"] or args.steps
