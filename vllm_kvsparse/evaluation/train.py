@@ -122,22 +122,8 @@ def train(out_dir: str, *, steps: int, batch_size: int, lr: float, warmup: int, 
                 stopped_at = step
                 log(f"stopped by SIGINT/SIGTERM after {step} steps; saving the model")
                 break
-            task = tasks[int(rng.choice(len(tasks), p=weights / weights.sum()))]
-            if mixed_batches and task not in synthetic.LONG_TASKS:
-                # one batch of several short tasks: each update serves all of them, so learning
-                # one task does not undo another the way alternating one-task batches can
-                short = [i for i, t in enumerate(tasks) if t not in synthetic.LONG_TASKS]
-                picks = rng.choice(short, size=batch_size, p=weights[short] / weights[short].sum())
-                batch = []
-                for i in picks.tolist():
-                    batch.append(synthetic.sample(tasks[i], counters[tasks[i]], seed, "train"))
-                    counters[tasks[i]] += 1
-                task = "+".join(sorted({tasks[i] for i in picks.tolist()}))
-            else:
-                n = long_batch_size if task in synthetic.LONG_TASKS else batch_size
-                batch = [synthetic.sample(task, counters[task] + i, seed, "train")
-                         for i in range(n)]
-                counters[task] += n
+            task, batch = _draw_batch(rng, tasks, weights, counters, seed, batch_size,
+                                      long_batch_size, mixed_batches)
             enc = _batch(processor, batch)
             loss = model(**enc).loss
             opt.zero_grad(set_to_none=True)
@@ -175,6 +161,28 @@ def train(out_dir: str, *, steps: int, batch_size: int, lr: float, warmup: int, 
     with open(os.path.join(out_dir, "training.json"), "w") as f:
         json.dump(info, f, indent=1)
     return info
+
+
+def _draw_batch(rng, tasks, weights, counters, seed, batch_size, long_batch_size, mixed):
+    """The next training batch: a task drawn by weight, then that many of its next samples
+    (`counters` tracks how far into each task's stream training is). With `mixed`, a short
+    task's draw becomes a batch of short tasks drawn per sample: each update serves all of them,
+    so learning one task does not undo another the way alternating one-task batches can.
+    Returns (label, samples); the label joins the mixed tasks with "+"."""
+    task = tasks[int(rng.choice(len(tasks), p=weights / weights.sum()))]
+    if mixed and task not in synthetic.LONG_TASKS:
+        short = [i for i, t in enumerate(tasks) if t not in synthetic.LONG_TASKS]
+        picks = [tasks[i] for i in rng.choice(short, size=batch_size,
+                                               p=weights[short] / weights[short].sum())]
+        batch = []
+        for t in picks:
+            batch.append(synthetic.sample(t, counters[t], seed, "train"))
+            counters[t] += 1
+        return "+".join(sorted(set(picks))), batch
+    n = long_batch_size if task in synthetic.LONG_TASKS else batch_size
+    batch = [synthetic.sample(task, counters[task] + i, seed, "train") for i in range(n)]
+    counters[task] += n
+    return task, batch
 
 
 class _StopOnSignal:
