@@ -153,8 +153,9 @@ def train(out_dir: str, *, steps: int, batch_size: int, lr: float, warmup: int, 
     with open(os.path.join(out_dir, "tiny_model_spec.json"), "w") as f:
         json.dump(asdict(_replace(spec, dtype="bfloat16", seed=seed)), f, indent=1,
                   sort_keys=True)
-    info = {"init": init, "steps": steps, "mixed_batches": mixed_batches, "stopped_at_step": stopped_at, "batch_size": batch_size, "long_batch_size": long_batch_size,
-            "lr": lr, "warmup": warmup, "mix": mix,
+    info = {"init": init, "steps": steps, "mixed_batches": mixed_batches,
+            "stopped_at_step": stopped_at, "batch_size": batch_size,
+            "long_batch_size": long_batch_size, "lr": lr, "warmup": warmup, "mix": mix,
             "seed": seed, "threads": threads, "train_seconds": round(time.perf_counter()
                                                                      - t_start, 1),
             "history": history}
@@ -174,15 +175,13 @@ def _draw_batch(rng, tasks, weights, counters, seed, batch_size, long_batch_size
         short = [i for i, t in enumerate(tasks) if t not in synthetic.LONG_TASKS]
         picks = [tasks[i] for i in rng.choice(short, size=batch_size,
                                                p=weights[short] / weights[short].sum())]
-        batch = []
-        for t in picks:
-            batch.append(synthetic.sample(t, counters[t], seed, "train"))
-            counters[t] += 1
-        return "+".join(sorted(set(picks))), batch
-    n = long_batch_size if task in synthetic.LONG_TASKS else batch_size
-    batch = [synthetic.sample(task, counters[task] + i, seed, "train") for i in range(n)]
-    counters[task] += n
-    return task, batch
+    else:
+        picks = [task] * (long_batch_size if task in synthetic.LONG_TASKS else batch_size)
+    batch = []
+    for t in picks:
+        batch.append(synthetic.sample(t, counters[t], seed, "train"))
+        counters[t] += 1
+    return "+".join(sorted(set(picks))), batch
 
 
 class _StopOnSignal:
