@@ -182,17 +182,27 @@ def probe_attention_by_group(query: torch.Tensor, key: torch.Tensor, probe_idx: 
         yield kv_head * group, torch.softmax(logits, dim=-1)
 
 
+# Probabilities below e^-80 of their row's largest count as exactly 0 in `probe_column_sums`.
+# Why: x86 exp is ~100x slower when its result is denormal (inputs in [-103, -87]) and 10-40x
+# when it underflows or gets -inf, which is most of a peaked row; clamping the inputs at -80
+# keeps every exp on the fast path. e^-80 (1.8e-35) is far below fp32 rounding of any sum these
+# probabilities feed (each row sums to 1); fp32 underflow alone zeroes them below ~e^-103.
+EXP_FLOOR = -80.0
+_FLOOR_PROB = math.exp(EXP_FLOOR) * 1.001   # exp at the floor, with room for the last ulp
+
+
 def probe_column_sums(query: torch.Tensor, key: torch.Tensor, probe_idx: torch.Tensor,
-                      scale: float, per_head: bool = False, chunk: int = 32) -> torch.Tensor:
+                      scale: float, per_head: bool = False, chunk: int = 16) -> torch.Tensor:
     """Column sums of the probe rows' causal softmax: ``s[j] = sum_h sum_{i in P} A^h[i, j]``
     fp32 ``[n]`` (summed, not averaged, over heads), or per head ``[H, n]`` with ``per_head``.
 
     The fast path of `probe_attention_by_group` (same math, fp32 logits from the bf16/fp16/fp32
-    inputs): the scale is folded into the ``m`` probe queries, keys are converted once, and the
-    probe rows (ascending) go in chunks of ``chunk`` rows for every head at once, so one chunk's
-    logits ``[Hkv, chunk * g, w]`` stay small (no ``[g, m, n]`` or ``[H, m, n]`` matrix). A
-    chunk only computes keys ``0..w-1`` (``w`` = its last probe + 1: later keys are masked for
-    every row of it) and masks only columns after its first probe."""
+    inputs; probabilities below e^-80 of their row's largest are 0, see EXP_FLOOR): the probe
+    rows (ascending) go in chunks of ``chunk`` rows for every head at once, and a chunk only
+    computes keys ``0..w-1`` (``w`` = its last probe + 1: later keys are masked for every row of
+    it). Every chunk works in place in one reused buffer (logits -> exp -> column sums by a
+    matrix-vector product with the rows' 1/sum): fresh multi-MB temporaries per step cost more
+    in page faults than the arithmetic on a CPU."""
     n, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[1]
     group = num_heads // num_kv_heads
@@ -200,25 +210,32 @@ def probe_column_sums(query: torch.Tensor, key: torch.Tensor, probe_idx: torch.T
     m = probes.numel()
     q = (query[probes].float() * scale).view(m, num_kv_heads, group, head_dim)
     q = q.transpose(0, 1).contiguous()                                  # [Hkv, m, g, d]
-    k_t = key.float().permute(1, 2, 0).contiguous()                    # [Hkv, d, n]
+    k = key.transpose(0, 1).float()                                     # [Hkv, n, d]
     out = torch.zeros((num_kv_heads, group, n) if per_head else (n,), dtype=torch.float32,
                       device=query.device)
     pos = torch.arange(n, device=query.device)
     bounds = probes.tolist()
+    chunk = min(chunk, m)
+    buffer = torch.empty(num_kv_heads * chunk * group * (bounds[-1] + 1), dtype=torch.float32,
+                         device=query.device)                           # the widest chunk
     for r0 in range(0, m, chunk):
         rows = probes[r0:r0 + chunk]
         r = rows.numel()
         first, width = bounds[r0] + 1, bounds[r0 + r - 1] + 1
-        logits = torch.bmm(q[:, r0:r0 + r].reshape(num_kv_heads, r * group, head_dim),
-                           k_t[:, :, :width]).view(num_kv_heads, r, group, width)
+        e = buffer[:num_kv_heads * r * group * width].view(num_kv_heads, r * group, width)
+        torch.bmm(q[:, r0:r0 + r].reshape(num_kv_heads, r * group, head_dim),
+                  k[:, :width].transpose(1, 2), out=e)                  # logits
         if first < width:
             future = pos[None, first:width] > rows[:, None]             # [r, w - first]
-            logits[..., first:width].masked_fill_(future[:, None, :], float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
+            e.view(num_kv_heads, r, group, width)[..., first:width].masked_fill_(
+                future[:, None, :], float("-inf"))
+        e.sub_(e.amax(-1, keepdim=True)).clamp_min_(EXP_FLOOR).exp_()
+        torch.nn.functional.threshold_(e, _FLOOR_PROB, 0.0)            # floor (and future) -> 0
+        inv_sum = e.sum(-1, keepdim=True).reciprocal_()                 # [Hkv, r * g, 1]
         if per_head:
-            out[:, :, :width] += probs.sum(1)
+            out[:, :, :width] += e.mul_(inv_sum).view(num_kv_heads, r, group, width).sum(1)
         else:
-            out[:width] += probs.sum((0, 1, 2))
+            out[:width] += torch.bmm(inv_sum.transpose(1, 2), e).sum((0, 1))
     return out.view(num_heads, n) if per_head else out
 
 

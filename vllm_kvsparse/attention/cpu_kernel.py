@@ -64,6 +64,15 @@ class CPUKernelSpec:
     v_scale: float = 1.0
 
 
+def _request_amx() -> None:
+    """Linux gives a process AMX tiles only after it asks (arch_prctl); without that, the
+    kernel's first tile instruction kills it with SIGILL. vLLM's engine has asked before any
+    layer runs; outside it (tests, benchmarks/selection_cost.py) nobody has. Idempotent."""
+    if not torch.cpu._init_amx():
+        raise RuntimeError("vLLM's CPU attention ISA is 'amx' but the kernel refused AMX tiles "
+                           "(torch.cpu._init_amx() failed)")
+
+
 def default_spec(dtype: torch.dtype, head_dim: int, block_size: int = 32) -> CPUKernelSpec:
     """The spec vLLM's builder would pick for a ``dtype`` model with an "auto" cache."""
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
@@ -79,6 +88,8 @@ def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     query's dtype."""
     r, num_heads, head_dim = query.shape
     t, num_kv_heads = key.shape[:2]
+    if spec.isa == "amx":
+        _request_amx()
     bs = spec.block_size
     num_blocks = (t + bs - 1) // bs
     cache = torch.empty(num_blocks, num_kv_heads, 2 * bs, head_dim, dtype=spec.cache_dtype)

@@ -115,11 +115,12 @@ class LayerSparsity:
         before it ran in earlier chunks; only rows from it on are needed (the others may be
         left zero)."""
         n, t = sel.num_prompt, query.shape[0]
-        out = torch.empty_like(query)
         if self.cfg.evicts or t == n:
-            out[:] = _sparse_attention(query, key, value, sel.kept_and_outputs(t, query.device),
-                                       self.scale, kernel=kernel, first_row=first_row)
+            out = _sparse_attention(query, key, value, sel.kept_and_outputs(t, query.device),
+                                    self.scale, kernel=kernel,
+                                    first_row=first_row).to(query.dtype)
         else:
+            out = torch.empty_like(query)
             out[:n] = _sparse_attention(query[:n], key[:n], value[:n], sel.indices, self.scale,
                                         kernel=kernel, first_row=first_row)
             out[n:] = _dense_tail(query, key, value, n, self.scale)
