@@ -19,7 +19,9 @@ For one sequence of ``n`` prompt tokens in one layer:
 Parameters:
     tau (float, default 0.975): fraction of attention mass to retain, in (0, 1]. The paper finds
         accuracy holds down to ~0.97 and drops sharply below. ``tau = 1`` keeps every token with
-        non-zero accumulated mass (fp32 softmax can underflow to exactly 0).
+        non-zero accumulated mass (a probe's probability below e^-80 of its row's largest
+        counts as exactly 0, as fp32 underflow would make it a little further down; see
+        EXP_FLOOR).
     num_recent, num_random (int, default 64 each): probe counts. When ``n`` is small they are
         clamped: ``min(num_recent, n)`` recent probes, then ``min(num_random, n - recent)``
         random ones; so with ``n <= num_recent + num_random`` every position is a probe.

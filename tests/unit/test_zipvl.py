@@ -132,6 +132,23 @@ def test_tau_one_keeps_every_token_with_mass():
     assert_matches_paper(sel, q, k, 1.0)
 
 
+def test_probabilities_below_the_exp_floor_count_as_zero():
+    # One query row (the last position) over 4 keys with logits 0, -75, -85 and -1e4 below the
+    # largest: e^-75 is kept (a normal fp32 number), e^-85 is under the floor (e^-80), like
+    # fp32 underflow. Column sums equal the fp64 softmax wherever it is above the floor.
+    d = 16
+    gaps = torch.tensor([0.0, -75.0, -85.0, -1e4])
+    key = torch.zeros(4, 1, d)
+    key[:, 0, 0] = gaps
+    query = torch.zeros(4, 1, d)
+    query[:, 0, 0] = 1.0
+    sums = zipvl.probe_column_sums(query, key, torch.tensor([3]), scale=1.0)
+    expected = torch.softmax(gaps.double(), 0)
+    assert sums[0] == pytest.approx(1.0) and sums[1] == pytest.approx(float(expected[1]), rel=1e-5)
+    assert sums[1] > 0 and sums[2] == 0 and sums[3] == 0
+    assert zipvl.EXP_FLOOR == -80.0
+
+
 def test_probe_idx_override():
     q, k = rand_qk(250, 4, 2, 32, 10)
     probes = torch.tensor([249, 3, 100, 17, 200])
