@@ -17,6 +17,7 @@ import os
 import platform
 import random
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -122,6 +123,10 @@ def other_busy_processes() -> list[str]:
 def run_worker(script: str, spec: dict, workdir: Path, timeout: float = 1800) -> dict:
     """Run `python script --worker spec.json out.json` in a fresh, isolated process."""
     workdir.mkdir(parents=True, exist_ok=True)
+    if spec.get("record_dir"):
+        # An earlier run in the same work dir left its records there: the worker would read
+        # them as this run's (kept ratios of other requests).
+        shutil.rmtree(spec["record_dir"], ignore_errors=True)
     spec_path, out_path, log_path = workdir / "spec.json", workdir / "out.json", \
         workdir / "worker.log"
     spec_path.write_text(json.dumps(spec, indent=1))
