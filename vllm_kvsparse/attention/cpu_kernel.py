@@ -21,6 +21,7 @@ kernel and did not fall back silently.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -64,10 +65,12 @@ class CPUKernelSpec:
     v_scale: float = 1.0
 
 
+@functools.cache
 def _request_amx() -> None:
     """Linux gives a process AMX tiles only after it asks (arch_prctl); without that, the
     kernel's first tile instruction kills it with SIGILL. vLLM's engine has asked before any
-    layer runs; outside it (tests, benchmarks/selection_cost.py) nobody has. Idempotent."""
+    layer runs; outside it (tests, benchmarks/selection_cost.py) nobody has. Once per process
+    (a refusal is not cached: it raises again)."""
     if not torch.cpu._init_amx():
         raise RuntimeError("vLLM's CPU attention ISA is 'amx' but the kernel refused AMX tiles "
                            "(torch.cpu._init_amx() failed)")

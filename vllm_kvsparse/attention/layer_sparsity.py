@@ -117,8 +117,7 @@ class LayerSparsity:
         n, t = sel.num_prompt, query.shape[0]
         if self.cfg.evicts or t == n:
             out = _sparse_attention(query, key, value, sel.kept_and_outputs(t, query.device),
-                                    self.scale, kernel=kernel,
-                                    first_row=first_row).to(query.dtype)
+                                    self.scale, kernel=kernel, first_row=first_row)
         else:
             out = torch.empty_like(query)
             out[:n] = _sparse_attention(query[:n], key[:n], value[:n], sel.indices, self.scale,
