@@ -157,3 +157,7 @@ def test_synthetic_squares_sit_on_the_token_grid():
         assert len(cols) == 4 and cols[1] <= 2 and cols[2] >= 5, cols
         (img,) = synthetic.sample("long_color", i).pil_images()
         assert needle_mask(img, 32, 32).sum() == 4
+        s = synthetic.sample("which_picture", i)
+        per_picture = [int(needle_mask(img, 8, 8).sum()) for img in s.pil_images()]
+        assert sorted(per_picture)[-2:] == [0, 4] and s.answers[1] == str(
+            per_picture.index(4) + 1), (per_picture, s.answers)

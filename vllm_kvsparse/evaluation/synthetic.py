@@ -10,6 +10,8 @@ lead-in, "The answer is red."; the word alone is accepted too):
   count         1-3 squares of one colour: "How many squares are there?" -> one / two / three
   multi_image   2-4 images of 224x224, each with a square of a different colour:
                 "Which picture has the red square?" -> 1 .. 4
+  which_picture 2-4 images of 224x224, one square in one of them: "Which picture has the
+                square?" -> 1 .. 4 (multi_image's first hop alone: which picture a square is in)
   long_color    one 896x896 image (1,024 visual tokens), one 56-px square (4 tokens of 1,024)
   long_multi    four 448x448 images (4 x 256 = 1,024 visual tokens), "Which picture ..." -> 1-4
   long4k_color  four 896x896 images (4,096 visual tokens), one square in one of them
@@ -34,14 +36,15 @@ COLORS = {"red": (220, 30, 30), "green": (30, 190, 40), "blue": (30, 50, 225),
 LEAD_IN = "The answer is"
 COUNT_WORDS = ("one", "two", "three")
 SQUARE = 56
-TASKS = ("color", "position", "count", "multi_image", "long_color", "long_multi", "long4k_color")
-SHORT_TASKS = ("color", "position", "count", "multi_image")
+TASKS = ("color", "position", "count", "multi_image", "which_picture", "long_color", "long_multi",
+         "long4k_color")
+SHORT_TASKS = ("color", "position", "count", "multi_image", "which_picture")
 LONG_TASKS = ("long_color", "long_multi", "long4k_color")
 _SPLITS = {"train": 0, "test": 1}
 # Each task's stream of samples is seeded by its own id, so adding a task never changes the
 # others' samples (id 0 was a diagnostic task, "side", used while training the committed model).
 _TASK_IDS = {"color": 1, "position": 2, "count": 3, "multi_image": 4, "long_color": 5,
-             "long_multi": 6, "long4k_color": 7}
+             "long_multi": 6, "long4k_color": 7, "which_picture": 8}
 
 
 @dataclass
@@ -141,11 +144,12 @@ def _make(task: str, rng) -> tuple[str, list[str], Callable[[], list]]:
                 _draw(img, xy, c)
             return [img]
         return "How many squares are there?", [COUNT_WORDS[n - 1]], render
-    if task in ("multi_image", "long_multi", "long4k_color"):
-        n, size = {"multi_image": (int(rng.integers(2, 5)), 224), "long_multi": (4, 448),
+    if task in ("multi_image", "which_picture", "long_multi", "long4k_color"):
+        n, size = {"multi_image": (int(rng.integers(2, 5)), 224),
+                   "which_picture": (int(rng.integers(2, 5)), 224), "long_multi": (4, 448),
                    "long4k_color": (4, 896)}[task]
         colors = [names[i] for i in rng.permutation(len(names))[:n]]
-        if task == "long4k_color":
+        if task in ("long4k_color", "which_picture"):  # one square, in picture `holder`
             colors = [names[int(rng.integers(len(names)))]]
             holder = int(rng.integers(n))
         spots = [_spots(rng, 1, (0, size - SQUARE), (0, size - SQUARE))[0] for _ in range(n)]
@@ -155,7 +159,7 @@ def _make(task: str, rng) -> tuple[str, list[str], Callable[[], list]]:
         def render():
             import numpy as np
             imgs = [_background(np.random.default_rng(b), size) for b in bgs]
-            if task == "long4k_color":
+            if task in ("long4k_color", "which_picture"):
                 _draw(imgs[holder], spots[holder], colors[0])
             else:
                 for img, xy, c in zip(imgs, spots, colors):
@@ -163,6 +167,8 @@ def _make(task: str, rng) -> tuple[str, list[str], Callable[[], list]]:
             return imgs
         if task == "long4k_color":
             return _pictures(n) + "What color is the square?", [colors[0]], render
+        if task == "which_picture":
+            return _pictures(n) + "Which picture has the square?", [str(holder + 1)], render
         return (_pictures(n) + f"Which picture has the {colors[target]} square?",
                 [str(target + 1)], render)
     raise ValueError(f"unknown synthetic task {task!r}; tasks: {', '.join(TASKS)}")
