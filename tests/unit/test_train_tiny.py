@@ -7,6 +7,9 @@ import json
 import subprocess
 import sys
 
+import torch
+from safetensors.torch import load_file
+
 from vllm_kvsparse.tiny_model import TinyModelSpec
 
 
@@ -44,17 +47,22 @@ def test_train_tiny_few_steps_deterministic(tmp_path):
 def test_train_tiny_continues_from_a_checkpoint(tmp_path):
     _train(tmp_path / "a")
     # --init takes the checkpoint's architecture (not --layers) and its weights
-    # (and --mixed-batches: every batch draws its tasks per sample from the short ones)
+    # (and --mixed-batches: every batch draws its tasks per sample from the short ones;
+    # --freeze-vision: the vision encoder's weights stay as they were)
     _train(tmp_path / "c", "--init", str(tmp_path / "a"), "--layers", "2", "--rope-theta", "50",
-           "--mixed-batches", "--mix", "color:1,position:1,long_color:1")
+           "--mixed-batches", "--mix", "color:1,position:1,long_color:1", "--freeze-vision")
     spec = json.loads((tmp_path / "c" / "tiny_model_spec.json").read_text())
     assert spec == json.loads((tmp_path / "a" / "tiny_model_spec.json").read_text())
     info = json.loads((tmp_path / "c" / "training.json").read_text())
     assert info["init"] == str(tmp_path / "a") and len(info["history"]) == 3
-    assert info["mixed_batches"] is True
+    assert info["mixed_batches"] is True and info["freeze_vision"] is True
     for row in info["history"]:   # a short batch names the tasks it mixed; long ones their own
         assert row["task"] == "long_color" or set(row["task"].split("+")) <= {"color", "position"}
     a, c = ((tmp_path / d / "model.safetensors").read_bytes() for d in "ac")
     assert a != c and len(a) == len(c)
+    wa, wc = (load_file(tmp_path / d / "model.safetensors") for d in "ac")
+    vision = [k for k in wa if k.startswith(("visual.", "model.visual."))]
+    assert vision and all(torch.equal(wa[k], wc[k]) for k in vision)
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa if k not in vision)
     err = _train(tmp_path / "a", "--init", str(tmp_path / "a"), ok=False).stderr
     assert "is OUT_DIR; write the new model elsewhere" in err.strip().splitlines()[-1]

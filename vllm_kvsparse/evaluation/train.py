@@ -83,7 +83,7 @@ def answer_accuracy(model, processor, samples, batch_size: int = 8) -> float:
 def train(out_dir: str, *, steps: int, batch_size: int, lr: float, warmup: int, mix: dict,
           seed: int, threads: int, spec=None, eval_every: int = 0, eval_n: int = 16,
           long_batch_size: int = 2, init: str | None = None, mixed_batches: bool = False,
-          progress: bool = True, log=print) -> dict:
+          freeze_vision: bool = False, progress: bool = True, log=print) -> dict:
     import numpy as np
     import torch
     from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
@@ -104,7 +104,10 @@ def train(out_dir: str, *, steps: int, batch_size: int, lr: float, warmup: int, 
         model = Qwen2VLForConditionalGeneration.from_pretrained(tmp, dtype=torch.float32)
         processor = AutoProcessor.from_pretrained(tmp)
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+        if freeze_vision:   # its backward is most of a long prompt's step (full attention
+            model.model.visual.requires_grad_(False)   # over 4,096 patches per image)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                weight_decay=0.01, betas=(0.9, 0.98))
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min(1.0, (s + 1) / max(warmup, 1)) * 0.5
             * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
@@ -154,6 +157,7 @@ def train(out_dir: str, *, steps: int, batch_size: int, lr: float, warmup: int, 
         json.dump(asdict(_replace(spec, dtype="bfloat16", seed=seed)), f, indent=1,
                   sort_keys=True)
     info = {"init": init, "steps": steps, "mixed_batches": mixed_batches,
+            "freeze_vision": freeze_vision,
             "stopped_at_step": stopped_at, "batch_size": batch_size,
             "long_batch_size": long_batch_size, "lr": lr, "warmup": warmup, "mix": mix,
             "seed": seed, "threads": threads, "train_seconds": round(time.perf_counter()
@@ -240,6 +244,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--mixed-batches", action="store_true",
                    help="draw the short tasks per sample, so a batch mixes them (default: one "
                         "task per batch); long tasks keep their own batches")
+    p.add_argument("--freeze-vision", action="store_true",
+                   help="train the language model only (the vision encoder's backward is most "
+                        "of a long prompt's step)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on a shared machine more threads wait "
                         "on each other; results depend on it)")
@@ -273,7 +280,7 @@ def main(args: argparse.Namespace) -> int:
                  warmup=args.warmup, mix=mix, long_batch_size=args.long_batch_size,
                  seed=args.seed, threads=args.threads, spec=spec, eval_every=args.eval_every,
                  init=args.init, mixed_batches=args.mixed_batches,
-                 progress=not args.no_progress,
+                 freeze_vision=args.freeze_vision, progress=not args.no_progress,
                  log=lambda m: print(m, file=sys.stderr))
     done = info["stopped_at_step"] or args.steps
     print(f"trained tiny Qwen2-VL written to {args.out_dir} ({done} steps, "
