@@ -161,3 +161,11 @@ def test_synthetic_squares_sit_on_the_token_grid():
         per_picture = [int(needle_mask(img, 8, 8).sum()) for img in s.pil_images()]
         assert sorted(per_picture)[-2:] == [0, 4] and s.answers[1] == str(
             per_picture.index(4) + 1), (per_picture, s.answers)
+        s = synthetic.sample("count_color", i)
+        (img,) = s.pil_images()
+        asked = s.question.split()[2]
+        n = synthetic.COUNT_WORDS.index(s.answers[1]) + 1
+        pixels = np.asarray(img).reshape(-1, 3)
+        squares = int(needle_mask(img, 8, 8).sum()) // 4
+        assert (pixels == synthetic.COLORS[asked]).all(-1).sum() == n * synthetic.SQUARE ** 2
+        assert n + 1 <= squares <= n + 2, (s.question, s.answers, squares)

@@ -8,6 +8,8 @@ lead-in, "The answer is red."; the word alone is accepted too):
   color         one 224x224 image (64 visual tokens), one 56-px square: "What color is the square?"
   position      two squares, one in each half: "What color is the square on the left/right?"
   count         1-3 squares of one colour: "How many squares are there?" -> one / two / three
+  count_color   1-3 squares of one colour and 1-2 of another: "How many red squares are there?"
+                (the question's colour decides which squares count, as in multi_image)
   multi_image   2-4 images of 224x224, each with a square of a different colour:
                 "Which picture has the red square?" -> 1 .. 4
   which_picture 2-4 images of 224x224, one square in one of them: "Which picture has the
@@ -36,15 +38,16 @@ COLORS = {"red": (220, 30, 30), "green": (30, 190, 40), "blue": (30, 50, 225),
 LEAD_IN = "The answer is"
 COUNT_WORDS = ("one", "two", "three")
 SQUARE = 56
-TASKS = ("color", "position", "count", "multi_image", "which_picture", "long_color", "long_multi",
-         "long4k_color")
-SHORT_TASKS = ("color", "position", "count", "multi_image", "which_picture")
+TASKS = ("color", "position", "count", "multi_image", "which_picture", "count_color", "long_color",
+         "long_multi", "long4k_color")
+SHORT_TASKS = ("color", "position", "count", "multi_image", "which_picture", "count_color")
 LONG_TASKS = ("long_color", "long_multi", "long4k_color")
 _SPLITS = {"train": 0, "test": 1}
 # Each task's stream of samples is seeded by its own id, so adding a task never changes the
 # others' samples (id 0 was a diagnostic task, "side", used while training the committed model).
 _TASK_IDS = {"color": 1, "position": 2, "count": 3, "multi_image": 4, "long_color": 5,
-             "long_multi": 6, "long4k_color": 7, "which_picture": 8}
+             "long_multi": 6, "long4k_color": 7, "which_picture": 8,
+             "count_color": 9}
 
 
 @dataclass
@@ -144,6 +147,22 @@ def _make(task: str, rng) -> tuple[str, list[str], Callable[[], list]]:
                 _draw(img, xy, c)
             return [img]
         return "How many squares are there?", [COUNT_WORDS[n - 1]], render
+    if task == "count_color":
+        n, others = int(rng.integers(1, 4)), int(rng.integers(1, 3))
+        c, d = (names[i] for i in rng.permutation(len(names))[:2])
+        # up to 5 squares: cells of a 3x3 lattice (token columns/rows 0, 3, 6), where `_spots`'
+        # rejection sampling could paint itself into a corner
+        spots = [(3 * CELL * (k % 3), 3 * CELL * (k // 3))
+                 for k in rng.permutation(9)[:n + others].tolist()]
+        bg = int(rng.integers(1 << 31))
+
+        def render():
+            import numpy as np
+            img = _background(np.random.default_rng(bg), 224)
+            for i, xy in enumerate(spots):
+                _draw(img, xy, c if i < n else d)
+            return [img]
+        return f"How many {c} squares are there?", [COUNT_WORDS[n - 1]], render
     if task in ("multi_image", "which_picture", "long_multi", "long4k_color"):
         n, size = {"multi_image": (int(rng.integers(2, 5)), 224),
                    "which_picture": (int(rng.integers(2, 5)), 224), "long_multi": (4, 448),
