@@ -39,5 +39,7 @@ def test_answer_attention_shares(tmp_path):
     for r in rows:
         assert 0 < r["needle_share"] < r["image_share"] <= 1.0 + 1e-6
         assert r["visual_tokens"] == 64 and 4 <= r["needle_tokens"] <= 9
+        assert len(r["needle_share_per_head"]) == 4       # the tiny model's heads
+        assert np.mean(r["needle_share_per_head"]) == pytest.approx(r["needle_share"], rel=1e-5)
         assert r["needle_lift"] == pytest.approx(
             r["needle_share"] / r["needle_tokens"] / (r["image_share"] / 64), rel=1e-5)

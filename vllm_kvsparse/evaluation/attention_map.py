@@ -29,7 +29,8 @@ def needle_mask(image, grid_h: int, grid_w: int):
 
 
 def answer_attention(model, processor, sample) -> list[dict]:
-    """Per layer: image share, needle share and needle lift (mean over heads)."""
+    """Per layer: image share, needle share and needle lift (mean over heads), and the needle
+    share of each head."""
     import numpy as np
     import torch
 
@@ -50,10 +51,13 @@ def answer_attention(model, processor, sample) -> list[dict]:
     query = answer[n_lead] - 1            # the position whose logits predict the answer word
     rows = []
     for layer, att in enumerate(out.attentions):
-        a = att[0, :, query, image_pos].float().mean(0)      # heads averaged
+        heads = att[0, :, query, image_pos].float()          # [heads, visual tokens]
+        a = heads.mean(0)                                    # heads averaged
         per_token = a.sum() / len(a)
         rows.append({"layer": layer, "image_share": a.sum().item(),
                      "needle_share": a[needle].sum().item(),
+                     # one head can do what the mean hides (e.g. which square it picks)
+                     "needle_share_per_head": heads[:, needle].sum(1).tolist(),
                      "needle_tokens": int(needle.sum()), "visual_tokens": len(a),
                      "needle_lift": (a[needle].mean() / per_token).item()
                      if needle.any() else None})
@@ -61,6 +65,7 @@ def answer_attention(model, processor, sample) -> list[dict]:
 
 
 def main() -> int:
+    import numpy as np
     import torch
     from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
@@ -71,6 +76,7 @@ def main() -> int:
     ap.add_argument("--task", default="color", choices=synthetic.TASKS)
     ap.add_argument("-n", type=int, default=8, help="held-out samples")
     ap.add_argument("--json", help="also write the per-sample rows here")
+    ap.add_argument("--per-head", action="store_true", help="also each head's needle share")
     args = ap.parse_args()
     model = Qwen2VLForConditionalGeneration.from_pretrained(
         args.model, dtype=torch.float32, attn_implementation="eager").eval()
@@ -87,6 +93,11 @@ def main() -> int:
         print(f"| {layer} | {mean('image_share'):.3f} | {mean('needle_share'):.3f} | "
               f"{mean('needle_tokens'):.1f} / {mean('visual_tokens'):.0f} | "
               f"{sum(lifts) / max(len(lifts), 1):.2f} |")
+    if args.per_head:
+        print("\n| layer | needle share per head |\n|---|---|")
+        for layer in range(len(per_sample[0])):
+            shares = np.mean([s[layer]["needle_share_per_head"] for s in per_sample], axis=0)
+            print(f"| {layer} | " + " ".join(f"{x:.3f}" for x in shares) + " |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "task": args.task, "samples": per_sample}, f,
