@@ -46,8 +46,7 @@ _SPLITS = {"train": 0, "test": 1}
 # Each task's stream of samples is seeded by its own id, so adding a task never changes the
 # others' samples (id 0 was a diagnostic task, "side", used while training the committed model).
 _TASK_IDS = {"color": 1, "position": 2, "count": 3, "multi_image": 4, "long_color": 5,
-             "long_multi": 6, "long4k_color": 7, "which_picture": 8,
-             "count_color": 9}
+             "long_multi": 6, "long4k_color": 7, "which_picture": 8, "count_color": 9}
 
 
 @dataclass

@@ -104,8 +104,10 @@ def train(out_dir: str, *, steps: int, batch_size: int, lr: float, warmup: int, 
         model = Qwen2VLForConditionalGeneration.from_pretrained(tmp, dtype=torch.float32)
         processor = AutoProcessor.from_pretrained(tmp)
         model.train()
-        if freeze_vision:   # its backward is most of a long prompt's step (full attention
-            model.model.visual.requires_grad_(False)   # over 4,096 patches per image)
+        # The vision encoder's backward (full attention over 4,096 patches per 896-px image)
+        # is most of a long prompt's step.
+        if freeze_vision:
+            model.model.visual.requires_grad_(False)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                                 weight_decay=0.01, betas=(0.9, 0.98))
         sched = torch.optim.lr_scheduler.LambdaLR(
