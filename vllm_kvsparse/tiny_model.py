@@ -66,12 +66,24 @@ class TinyModelSpec:
     # across a small image grid, so left and right look alike to every query; at base 10 the
     # synthetic `position` task is learnable (tests/fixtures/tiny-qwen2vl-vqa/README.md).
     rope_theta: float = 1000000.0
+    # M-RoPE's split of the head's rotary frequencies into (temporal, height, width) sections,
+    # highest frequencies first; None = Qwen2-VL's proportions (16, 24, 24 of 64 at head_dim
+    # 128). A wide width section spans high frequencies (which tell left from right inside an
+    # image) and near-zero ones (which let a query match a key by content whatever their
+    # distance, e.g. a square in any of several pictures), which no single base gives the
+    # default narrow width section.
+    mrope_section: tuple[int, int, int] | None = None
     dtype: str = "bfloat16"
     seed: int = 0
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def mrope_sections(self) -> list[int]:
+        hd = self.head_dim
+        return list(self.mrope_section or (hd // 8, 3 * hd // 16, 3 * hd // 16))
 
     def validate(self) -> None:
         if self.hidden_size % self.num_heads or self.head_dim not in (64, 128):
@@ -82,6 +94,10 @@ class TinyModelSpec:
                              f"num_kv_heads={self.num_kv_heads}")
         if self.layers < 1 or self.qk_scale <= 0 or self.rope_theta <= 1:
             raise ValueError("layers must be >= 1, qk_scale > 0 and rope_theta > 1")
+        sections = self.mrope_sections
+        if len(sections) != 3 or min(sections) < 1 or sum(sections) != self.head_dim // 2:
+            raise ValueError(f"mrope_section={self.mrope_section} must be three positive "
+                             f"integers summing to head_dim / 2 = {self.head_dim // 2}")
 
 
 def _corpus(n: int = 4000, seed: int = 0):
@@ -126,8 +142,6 @@ def build(out_dir: str, spec: TinyModelSpec = TinyModelSpec()) -> str:
     torch.manual_seed(spec.seed)
     tok = build_tokenizer()
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    hd = spec.head_dim
-    mrope_section = [hd // 8, 3 * hd // 16, 3 * hd // 16]  # must sum to head_dim / 2
     text_config = dict(
         vocab_size=((len(tok) + 63) // 64) * 64, hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size, num_hidden_layers=spec.layers,
@@ -137,7 +151,7 @@ def build(out_dir: str, spec: TinyModelSpec = TinyModelSpec()) -> str:
         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False,
         rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta,
-                         "mrope_section": mrope_section})
+                         "mrope_section": spec.mrope_sections})
     vision_config = dict(depth=spec.vision_depth, embed_dim=128, hidden_size=spec.hidden_size,
                          mlp_ratio=2, num_heads=4, in_channels=3, patch_size=14,
                          spatial_merge_size=2, temporal_patch_size=2)
@@ -200,6 +214,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=">1 makes attention peaked (for sparsity tests and benchmarks)")
     parser.add_argument("--rope-theta", type=float, default=d.rope_theta,
                         help="M-RoPE base (Qwen2-VL's 1e6 by default)")
+    parser.add_argument("--mrope-section", type=_sections, default=None, metavar="T,H,W",
+                        help="M-RoPE (temporal, height, width) frequency sections, summing to "
+                        "head_dim / 2 (default: Qwen2-VL's proportions, 8,12,12 at head_dim 64)")
     parser.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--seed", type=int, default=d.seed)
 
@@ -210,4 +227,14 @@ def spec_from_args(args: argparse.Namespace) -> TinyModelSpec:
         num_kv_heads=args.num_kv_heads, intermediate_size=args.intermediate_size,
         vision_depth=args.vision_depth, max_pixels=args.max_pixels,
         max_position_embeddings=args.max_position_embeddings, qk_scale=args.qk_scale,
-        rope_theta=args.rope_theta, dtype=args.dtype, seed=args.seed)
+        rope_theta=args.rope_theta, mrope_section=args.mrope_section, dtype=args.dtype,
+        seed=args.seed)
+
+
+def _sections(text: str) -> tuple[int, int, int]:
+    try:
+        t, h, w = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--mrope-section {text!r}: expected three integers "
+                                         "T,H,W, e.g. 2,2,28") from None
+    return t, h, w
