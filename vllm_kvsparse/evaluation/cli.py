@@ -23,6 +23,7 @@ from pathlib import Path
 
 from vllm_kvsparse.evaluation import dataset as ds
 from vllm_kvsparse.evaluation import metrics as mt
+from vllm_kvsparse.evaluation import synthetic
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -35,9 +36,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    required=True, metavar="NAME=URL",
                    help="an OpenAI-compatible server (repeat); the first is the reference")
     p.add_argument("--dataset", required=True,
-                   help="synthetic:TASKS[@SEED] (TASKS: comma list of "
-                        "color,position,count,multi_image,long_color,long_multi,long4k_color "
-                        "or all/short/long) or a JSONL file (docs/eval.md)")
+                   help=f"synthetic:TASKS[@SEED] (TASKS: comma list of "
+                        f"{','.join(synthetic.TASKS)} or all/short/long) or a JSONL file "
+                        "(docs/eval.md)")
     p.add_argument("--limit", type=_int_at_least(1), default=None,
                    help="samples per task for synthetic (default 50); first N lines of a JSONL")
     p.add_argument("--model", help="model name to request (default: first from /v1/models)")
