@@ -134,7 +134,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(MODEL))
     # the tasks the committed model answers (tests/fixtures/tiny-qwen2vl-vqa/README.md)
-    ap.add_argument("--dataset", default="synthetic:color,long_color,long4k_color")
+    ap.add_argument("--dataset", default="synthetic:color,position,count,which_picture,long_color,"
+                    "long4k_color")
     ap.add_argument("--limit", type=int, default=8, help="samples per task")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--methods", default=",".join(METHOD_NAMES))

@@ -1,8 +1,8 @@
 """`vllm-kvsparse eval` against real `vllm serve` processes of the committed trained tiny model
 (tests/fixtures/tiny-qwen2vl-vqa, docs/eval.md): dense accuracy on a held-out slice of the synthetic
 suite, zipvl at tau 1.0 fully loyal to dense, random eviction of 90% of the visual tokens
-clearly less accurate (the answer word comes after a lead-in, so it is generated over the
-evicted cache), the kept ratio / blocks freed in the report equal to the servers' own counters,
+less accurate (the answer word comes after a lead-in, so it is generated over the evicted
+cache), the kept ratio / blocks freed in the report equal to the servers' own counters,
 and a dead endpoint and a malformed dataset line reported without losing anything else."""
 
 import json
@@ -20,8 +20,9 @@ from vllm_kvsparse.bench.server import start_all
 pytestmark = pytest.mark.e2e
 
 MODEL = REPO / "tests" / "fixtures" / "tiny-qwen2vl-vqa"
-# color: 64 visual tokens; long_color: 1,024, the needle is 4 of them (the model's README)
-TASKS = "color,long_color"
+# color: 64 visual tokens; position and which_picture: the question decides which tokens
+# matter; long_color: 1,024 visual tokens, the needle is 4 of them (the model's README)
+TASKS = "color,position,count,which_picture,long_color"
 LIMIT = 8  # held-out samples per task and endpoint
 SERVE = ["--limit-mm-per-prompt", '{"image": 4, "video": 0}']
 METHODS = {
@@ -75,18 +76,26 @@ def test_dense_accuracy_loyalty_and_random_eviction(run):
     assert res["reference"] == "dense"
     dense = eps["dense"]
     assert dense["overall"]["failures"] == 0, (out / "eval.md").read_text()
+    # the model answers >= 0.9 of every one of these tasks on 32 held-out samples (its README);
+    # on 8 a task may lose one answer, the slice as a whole may not fall under 0.9
+    assert dense["overall"]["accuracy_relaxed"] >= 0.9, dense["overall"]
     for task, t in dense["tasks"].items():
-        assert t["accuracy_relaxed"] >= 0.9, (task, t)
+        assert t["accuracy_relaxed"] >= 0.75, (task, t)
     z = eps["zipvl"]["overall"]
     assert z["failures"] == 0 and z["OL"] == 1.0 and z["OP"] == pytest.approx(1.0)
     # random evicts 90% of the visual tokens after a dense prefill; the answer word comes after
-    # the lead-in "The answer is", over the evicted cache, and in long_color the needle is 4 of
-    # 1,024 tokens: the image matters, so the accuracy drops clearly (recorded: 0.38 vs 1.0).
+    # the lead-in "The answer is", over the evicted cache. The image matters: on long_color (the
+    # needle is 4 of 1,024 tokens) and overall the accuracy drops (recorded, AMD EPYC: 1.00 ->
+    # 0.62 and 0.925 -> 0.775). Not on every task: which_picture and count keep their answers,
+    # carried by text tokens computed densely before the eviction (docs/eval.md, "Which methods
+    # can change the answer").
     r = eps["random"]["overall"]
     assert r["failures"] == 0 and r["kept_ratio_mean"] < 0.3  # all text + 10% of the image
     assert r["kv_blocks_freed"] > 0
-    assert r["accuracy_relaxed"] <= dense["overall"]["accuracy_relaxed"] - 0.3, r
-    assert r["OL"] < 0.8
+    assert r["accuracy_relaxed"] <= dense["overall"]["accuracy_relaxed"] - 0.1, r
+    assert r["OL"] < 0.9
+    long_r = eps["random"]["tasks"]["long_color"]["accuracy_relaxed"]
+    assert long_r <= dense["tasks"]["long_color"]["accuracy_relaxed"] - 0.25, long_r
     assert (out / "eval.md").is_file() and (out / "accuracy_vs_kept_ratio.png").stat().st_size
 
 
