@@ -36,7 +36,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    required=True, metavar="NAME=URL",
                    help="an OpenAI-compatible server (repeat); the first is the reference")
     p.add_argument("--dataset", required=True,
-                   help=f"synthetic:TASKS[@SEED] (TASKS: comma list of "
+                   help="synthetic:TASKS[@SEED] (TASKS: comma list of "
                         f"{','.join(synthetic.TASKS)} or all/short/long) or a JSONL file "
                         "(docs/eval.md)")
     p.add_argument("--limit", type=_int_at_least(1), default=None,
