@@ -9,7 +9,8 @@ table of docs/eval.md, each configuration a real `vllm serve`, scored by `vllm-k
 then the rest) into one table, configurations in the plugin's method order; each row keeps
 the ratios measured against the dense server of its own group.
 
-Configurations: dense (`--kv-sparsity none`); zipvl at each --taus; every other method the
+Configurations: dense (`--kv-sparsity none`); zipvl at each --taus, once per --zipvl-scopes
+(scope "all", the paper's, may drop question text; "visual" drops image tokens only); every other method the
 plugin offers at each --budgets (its `budget` key, the method's other defaults). All with
 `min_prompt_len: 0`, so every prompt is compressed. They are served --parallel at a time next
 to a dense server, and one `vllm-kvsparse eval` run per group scores dense first (the reference:
@@ -34,6 +35,7 @@ import common  # noqa: E402
 
 from vllm_kvsparse.bench.server import start_all  # noqa: E402
 from vllm_kvsparse.policies import METHOD_NAMES  # noqa: E402
+from vllm_kvsparse.policies.zipvl import SCOPES as ZIPVL_SCOPES  # noqa: E402
 
 MODEL = common.REPO / "tests" / "fixtures" / "tiny-qwen2vl-vqa"
 SERVE = ["--dtype", "bfloat16", "--max-model-len", "8192", "--max-num-seqs", "4",
@@ -42,14 +44,19 @@ SERVE = ["--dtype", "bfloat16", "--max-model-len", "8192", "--max-num-seqs", "4"
 
 
 def configurations(methods: list[str], budgets: list[float], taus: list[float],
-                   fastv_k: int = 1) -> dict:
+                   fastv_k: int = 1, zipvl_scopes: tuple[str, ...] = ("all",)) -> dict:
     """name -> the `vllm serve` flags of that configuration (dense not included). Names have
-    no "=": they are eval's endpoint names (NAME=URL)."""
+    no "=": they are eval's endpoint names (NAME=URL). zipvl runs once per tau and scope:
+    "all" (the paper's, and the default: question text may be dropped too) and "visual" (only
+    image tokens, like every other method's budget)."""
     out = {}
     for m in methods:
         if m == "zipvl":
-            for tau in taus:
-                out[f"zipvl tau {tau}"] = ("zipvl", {"tau": tau})
+            for scope in zipvl_scopes:
+                for tau in taus:
+                    name = f"zipvl tau {tau}" + ("" if scope == "all" else f" scope {scope}")
+                    out[name] = ("zipvl", {"tau": tau} if scope == "all"
+                                 else {"tau": tau, "scope": scope})
         else:
             for b in budgets:
                 extra = {"k": fastv_k} if m == "fastv" else {}
@@ -114,7 +121,8 @@ def merge(run_dirs: list[str], out: Path, argv: list[str]) -> str:
 
     def method_then_setting(row):   # flags: --kv-sparsity METHOD --kv-sparsity-config JSON
         opts = json.loads(row["flags"][3])
-        return order.get(row["flags"][1], len(order)), opts.get("tau", 0), opts.get("budget", 0)
+        return (order.get(row["flags"][1], len(order)), opts.get("scope", "all"),
+                opts.get("tau", 0), opts.get("budget", 0))
 
     rows = {r["config"]: r for run in runs for r in run["rows"]}   # a later run wins
     rows = sorted(rows.values(), key=method_then_setting)
@@ -141,6 +149,9 @@ def main() -> int:
     ap.add_argument("--methods", default=",".join(METHOD_NAMES))
     ap.add_argument("--budgets", default="0.01,0.1,0.4")
     ap.add_argument("--taus", default="0.9,0.95,0.975,0.99")
+    ap.add_argument("--zipvl-scopes", default="all,visual",
+                    help="zipvl's scope per run of --taus: all (the paper's: text may be "
+                         "dropped) and/or visual (image tokens only, as the other methods)")
     ap.add_argument("--fastv-k", type=int, default=1,
                     help="FastV's k (default 1: the committed model has 2 layers, and FastV's "
                          "own default k=2 would prune no layer of it)")
@@ -157,13 +168,19 @@ def main() -> int:
         return 0
     if args.quick:
         args.methods, args.budgets, args.taus = "zipvl,random", "0.1", "0.975"
+        args.zipvl_scopes = "all"
         args.dataset, args.limit = "synthetic:color", 4
     methods = [m.strip() for m in args.methods.split(",")]
     unknown = [m for m in methods if m not in METHOD_NAMES]
     if unknown:
         ap.error(f"unknown method(s) {unknown}; valid: {', '.join(METHOD_NAMES)}")
+    scopes = tuple(s.strip() for s in args.zipvl_scopes.split(","))
+    if not set(scopes) <= set(ZIPVL_SCOPES):
+        ap.error(f"--zipvl-scopes {args.zipvl_scopes!r}: valid scopes are "
+                 f"{', '.join(ZIPVL_SCOPES)}")
     configs = configurations(methods, [float(b) for b in args.budgets.split(",")],
-                             [float(t) for t in args.taus.split(",")], args.fastv_k)
+                             [float(t) for t in args.taus.split(",")], args.fastv_k,
+                             scopes)
     names = list(configs)
     groups = [{n: configs[n] for n in names[i:i + args.parallel]}
               for i in range(0, len(names), args.parallel)]

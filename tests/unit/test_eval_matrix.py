@@ -20,8 +20,9 @@ def test_every_method_and_budget_is_a_valid_configuration(em):
     from vllm_kvsparse.config import SparsityConfig
     from vllm_kvsparse.policies import METHOD_NAMES
 
-    configs = em.configurations(list(METHOD_NAMES), [0.01, 0.1, 0.4], [0.9, 0.95, 0.975, 0.99])
-    assert len(configs) == 3 * (len(METHOD_NAMES) - 1) + 4
+    configs = em.configurations(list(METHOD_NAMES), [0.01, 0.1, 0.4], [0.9, 0.95, 0.975, 0.99],
+                                zipvl_scopes=("all", "visual"))
+    assert len(configs) == 3 * (len(METHOD_NAMES) - 1) + 2 * 4
     seen = set()
     for name, flags in configs.items():
         assert flags[0] == "--kv-sparsity" and flags[2] == "--kv-sparsity-config"
@@ -30,7 +31,9 @@ def test_every_method_and_budget_is_a_valid_configuration(em):
         assert cfg.min_prompt_len == 0
         seen.add(flags[1])
         key = "tau" if flags[1] == "zipvl" else "budget"
-        assert name == f"{flags[1]} {key} {options[key]}" and "=" not in name
+        scope = f" scope {options['scope']}" if "scope" in options else ""
+        assert name == f"{flags[1]} {key} {options[key]}{scope}" and "=" not in name
+        assert cfg.policy.scope == "visual" if scope else True
     assert seen == set(METHOD_NAMES)
 
 
@@ -51,6 +54,14 @@ def test_unknown_method_is_one_clear_error(em, monkeypatch, capsys):
         em.main()
     assert e.value.code == 2
     assert "unknown method(s) ['bogus']; valid: zipvl" in capsys.readouterr().err
+
+
+def test_bad_zipvl_scope_is_one_clear_error(em, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["eval_matrix.py", "--zipvl-scopes", "all,text", "--out", "x"])
+    with pytest.raises(SystemExit) as e:
+        em.main()
+    assert e.value.code == 2
+    assert "--zipvl-scopes 'all,text': valid scopes are all, visual" in capsys.readouterr().err
 
 
 def test_merge_joins_runs_in_method_order(em, tmp_path):
