@@ -43,3 +43,24 @@ def test_answer_attention_shares(tmp_path):
         assert np.mean(r["needle_share_per_head"]) == pytest.approx(r["needle_share"], rel=1e-5)
         assert r["needle_lift"] == pytest.approx(
             r["needle_share"] / r["needle_tokens"] / (r["image_share"] / 64), rel=1e-5)
+
+
+def test_zipvl_drops_counts_add_up_and_tau_one_drops_nothing(tmp_path):
+    import torch
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    from vllm_kvsparse import tiny_model
+
+    tiny_model.build(str(tmp_path), tiny_model.TinyModelSpec(dtype="float32"))
+    model = Qwen2VLForConditionalGeneration.from_pretrained(
+        str(tmp_path), dtype=torch.float32, attn_implementation="eager").eval()
+    processor = AutoProcessor.from_pretrained(str(tmp_path))
+    s = synthetic.sample("position", 0)
+    full = attention_map.zipvl_drops(model, processor, s, 1.0)
+    assert [r["text_dropped"] + r["visual_dropped"] for r in full] == [0, 0]
+    for r in attention_map.zipvl_drops(model, processor, s, 0.5):
+        assert r["visual_tokens"] == 64 and r["text_tokens"] + 64 == r["prompt_tokens"]
+        assert 0 < r["text_dropped"] + r["visual_dropped"] < r["prompt_tokens"]
+        # the protected first 4 and last token are never dropped
+        assert r["text_dropped"] <= r["text_tokens"] - 5
+        assert len(r["dropped_text"]) > 0 if r["text_dropped"] else r["dropped_text"] == ""

@@ -8,6 +8,11 @@ attention, teacher-forced on the expected answer, at the position that predicts 
 
 Why it matters: the KV methods keep the tokens attention points at. If a model pools the
 whole image uniformly (lift ~1), a method's score on it says little about keeping needles.
+
+`--zipvl-tau TAU` also reports, per layer, the prompt tokens ZipVL's selection (scope "all",
+its defaults) drops when fed this dense run's attention: how many of the text tokens (the
+question among them) and of the visual tokens, and the dropped text. Exact for layer 0; for
+deeper layers an approximation (under ZipVL their input is the sparse prefill's, not dense).
 """
 
 from __future__ import annotations
@@ -64,6 +69,39 @@ def answer_attention(model, processor, sample) -> list[dict]:
     return rows
 
 
+def zipvl_drops(model, processor, sample, tau: float) -> list[dict]:
+    """Per layer, what ZipVL (scope "all", default probes and additions) would drop from the
+    prompt given this dense run's head-averaged attention: text/visual counts and the dropped
+    text, decoded."""
+    import torch
+
+    from vllm_kvsparse import zipvl
+    from vllm_kvsparse.evaluation.train import _batch
+
+    enc = _batch(processor, [sample])
+    labels = enc.pop("labels")[0]
+    n = int((labels != -100).nonzero()[0, 0])          # the prompt: what the prefill sees
+    ids = enc["input_ids"][0, :n]
+    with torch.no_grad():
+        out = model(**enc, output_attentions=True)
+    visual = ids == model.config.image_token_id
+    probes = zipvl.default_probe_indices(n)
+    rows = []
+    for layer, att in enumerate(out.attentions):
+        accumulated = att[0, :, :n, :n].float().mean(0)[probes].sum(0)     # Eq. 6
+        normalized = zipvl.normalize_by_visibility(accumulated, probes)   # Eq. 8
+        kept, _ = zipvl.select_from_scores(accumulated, normalized, len(probes), tau=tau)
+        keep = torch.zeros(n, dtype=torch.bool)
+        keep[kept] = True
+        rows.append({"layer": layer, "prompt_tokens": n,
+                     "text_tokens": int((~visual).sum()),
+                     "text_dropped": int((~keep & ~visual).sum()),
+                     "visual_tokens": int(visual.sum()),
+                     "visual_dropped": int((~keep & visual).sum()),
+                     "dropped_text": processor.tokenizer.decode(ids[~keep & ~visual])})
+    return rows
+
+
 def main() -> int:
     import numpy as np
     import torch
@@ -77,6 +115,8 @@ def main() -> int:
     ap.add_argument("-n", type=int, default=8, help="held-out samples")
     ap.add_argument("--json", help="also write the per-sample rows here")
     ap.add_argument("--per-head", action="store_true", help="also each head's needle share")
+    ap.add_argument("--zipvl-tau", type=float,
+                    help="also what ZipVL (scope all) at this tau drops, per layer")
     args = ap.parse_args()
     model = Qwen2VLForConditionalGeneration.from_pretrained(
         args.model, dtype=torch.float32, attn_implementation="eager").eval()
@@ -98,10 +138,24 @@ def main() -> int:
         for layer in range(len(per_sample[0])):
             shares = np.mean([s[layer]["needle_share_per_head"] for s in per_sample], axis=0)
             print(f"| {layer} | " + " ".join(f"{x:.3f}" for x in shares) + " |")
+    drops = None
+    if args.zipvl_tau is not None:
+        drops = [zipvl_drops(model, processor, s, args.zipvl_tau)
+                 for s in synthetic.generate([args.task], args.n)]
+        print(f"\nZipVL tau {args.zipvl_tau}, scope all, on the dense attention (mean per "
+              "sample; layer 0 exact):")
+        print("| layer | text tokens dropped | visual tokens dropped | first sample's dropped text |")
+        print("|---|---|---|---|")
+        for layer in range(len(drops[0])):
+            rs = [d[layer] for d in drops]
+            mean = lambda k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+            print(f"| {layer} | {mean('text_dropped'):.1f} / {mean('text_tokens'):.0f} | "
+                  f"{mean('visual_dropped'):.1f} / {mean('visual_tokens'):.0f} | "
+                  f"{rs[0]['dropped_text']!r} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, "task": args.task, "samples": per_sample}, f,
-                      indent=1)
+            json.dump({"model": args.model, "task": args.task, "samples": per_sample,
+                       "zipvl_drops": drops}, f, indent=1)
     return 0
 
 
