@@ -1,7 +1,7 @@
 """Accuracy of every `--kv-sparsity` method at several budgets on one model: the method x budget
 table of docs/eval.md, each configuration a real `vllm serve`, scored by `vllm-kvsparse eval`.
 
-    python benchmarks/eval_matrix.py --out benchmarks/results/eval_matrix     # ~45 min on 2 cores
+    python benchmarks/eval_matrix.py --out benchmarks/results/eval_matrix     # ~66 min on 2 cores
     python benchmarks/eval_matrix.py --quick --out /tmp/em                    # smoke run
     python benchmarks/eval_matrix.py --merge RUN_DIR RUN_DIR ... --out DIR     # one table
 
@@ -10,9 +10,9 @@ then the rest) into one table, configurations in the plugin's method order; each
 the ratios measured against the dense server of its own group.
 
 Configurations: dense (`--kv-sparsity none`); zipvl at each --taus, once per --zipvl-scopes
-(scope "all", the paper's, may drop question text; "visual" drops image tokens only); every other method the
-plugin offers at each --budgets (its `budget` key, the method's other defaults). All with
-`min_prompt_len: 0`, so every prompt is compressed. They are served --parallel at a time next
+(scope "all", the paper's, may drop question text; "visual" drops image tokens only); every
+other method the plugin offers at each --budgets (its `budget` key, the method's other
+defaults). All with `min_prompt_len: 0`, so every prompt is compressed. They are served --parallel at a time next
 to a dense server, and one `vllm-kvsparse eval` run per group scores dense first (the reference:
 loyalty OL and the TTFT ratio are measured side by side with it, in the same run) and then the
 group's configurations, so every ratio in the table compares servers that ran at the same time

@@ -118,6 +118,8 @@ def main() -> int:
     ap.add_argument("--zipvl-tau", type=float,
                     help="also what ZipVL (scope all) at this tau drops, per layer")
     args = ap.parse_args()
+    if args.zipvl_tau is not None and not 0 < args.zipvl_tau <= 1:
+        ap.error(f"--zipvl-tau {args.zipvl_tau} is invalid; valid values are in (0, 1]")
     model = Qwen2VLForConditionalGeneration.from_pretrained(
         args.model, dtype=torch.float32, attn_implementation="eager").eval()
     processor = AutoProcessor.from_pretrained(args.model)
@@ -144,7 +146,8 @@ def main() -> int:
                  for s in synthetic.generate([args.task], args.n)]
         print(f"\nZipVL tau {args.zipvl_tau}, scope all, on the dense attention (mean per "
               "sample; layer 0 exact):")
-        print("| layer | text tokens dropped | visual tokens dropped | first sample's dropped text |")
+        print("| layer | text tokens dropped | visual tokens dropped "
+              "| first sample's dropped text |")
         print("|---|---|---|---|")
         for layer in range(len(drops[0])):
             rs = [d[layer] for d in drops]
