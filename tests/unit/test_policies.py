@@ -13,7 +13,7 @@ from vllm_kvsparse.policies import (METHOD_NAMES, POLICIES, AirCache, FastV, Lay
                                     PolicyError, PromptInfo, PyramidKV, Random, SnapKV,
                                     StreamingLLM, VLCache, ZipVL, make_policy,
                                     select_all_layers)
-from vllm_kvsparse.policies.aircache import clip_to_mean, sample_skewness
+from vllm_kvsparse.policies.aircache import clip_to_mean, observation_window, sample_skewness
 
 H, HKV, D = 4, 2, 16
 G = H // HKV
@@ -375,14 +375,15 @@ def ref_aircache(inputs, mask, budget, alpha):
     n = len(mask)
     text = [j for j in range(n) if not mask[j]]
     visual = [j for j in range(n) if mask[j]]
+    window = [j for j in text if j > visual[-1]] or text   # the text after the image
     imps, strengths, skews, elites = [], [], [], []
     for inp in inputs:
         att = [0.0] * n
         for h in range(H):
-            for j, p in attn_row(inp, text[-1], h, text).items():
+            for j, p in attn_row(inp, window[-1], h, window).items():
                 att[j] += p / H
-        top = max(att[j] for j in text)
-        elite = [j for j in text if att[j] >= alpha * top]
+        top = max(att[j] for j in window)
+        elite = [j for j in window if att[j] >= alpha * top]
         keys = sorted(visual + elite)
         imp = {v: 0.0 for v in visual}
         for i in elite:
@@ -430,7 +431,7 @@ def test_aircache_matches_reference(budget, alpha, seed):
         assert bool(torch.isin(torch.nonzero(~mask).flatten(), choice.indices).all())
     if seed == 1:
         assert any(len(e) > 1 for e in elites)               # several elite rows
-        assert any(e[0] < 6 for e in elites)                 # an elite row before the image
+        assert all(e[0] >= 44 for e in elites)               # elite rows after the image
     if seed == 3:
         assert ratios.count(1.0) == 2                        # two layers clipped at 1
         assert min(skews) < 0                                # a negative skewness clipped at 0
@@ -463,9 +464,28 @@ def test_aircache_routes_through_scores_fn():
     for inp in inputs:
         inp.scores_fn = scores_fn
     routed = select_all_layers(AirCache(alpha=0.5), prompt(n, 2, mask), inputs)
-    assert len(calls) == 4 and calls[0] == (22, 1)          # text-only pass: 22 text tokens
+    assert len(calls) == 4 and calls[0] == (16, 1)          # the 16 text tokens after the image
     assert all(rows >= 38 for rows, _ in calls[1::2])       # visual ∪ elite keys
     assert [c.indices.tolist() for c in plain] == [c.indices.tolist() for c in routed]
+
+
+def test_aircache_elite_rows_come_from_the_text_after_the_image():
+    # A sink before the image that every row attends to would be the only elite row, and it
+    # sees no visual key: every importance 0. The window keeps the elite rows after the image.
+    n, mask = 60, visual_mask(60, [(6, 44)])
+    inputs = make_layers(n, 2, seed=5)
+    for inp in inputs:
+        inp.key[2] = 0
+        inp.key[2, :, 0] = 40.0           # key 2 (system text) dominates every row
+        inp.query[:, :, 0] = 1.0
+    policy = AirCache(budget=0.1)
+    state = policy.begin(prompt(n, 2, mask))
+    for inp in inputs:
+        policy.layer(state, inp)
+    assert policy.query_rows(state.prompt).tolist() == list(range(44, 60))
+    for importance, strength, _ in state.data["layers"].values():
+        assert strength > 0 and bool((importance > 0).all())
+    assert observation_window(torch.tensor([False] * 4 + [True] * 4)).tolist() == [0, 1, 2, 3]
 
 
 def test_aircache_no_image_keeps_all():

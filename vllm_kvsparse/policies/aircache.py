@@ -6,9 +6,10 @@ Efficient Large Vision-Language Model Inference", ICCV 2025, arXiv 2503.23956, a
 supplement. No official code is public; the equations are the main paper's §3 as transcribed in
 the project's method notes (docs/policies.md) (not checked against the PDF).
 
-Per layer ``l`` (``T`` text positions, ``V`` visual positions, ``N_v = |V|``)::
+Per layer ``l`` (``T`` the observation window: the text positions after the last visual token,
+the instruction; ``V`` visual positions, ``N_v = |V|``)::
 
-    att   = mean_h softmax(q_{T[-1]} K_T^T * scale)           # last text row over text keys
+    att   = mean_h softmax(q_{T[-1]} K_T^T * scale)           # last text row over window keys
     E     = {j in T : att_j >= alpha * max att}                # elite text rows
     A_E   = softmax over keys V ∪ E (causal by original position) of the rows E, mean over heads
     I_v   = mean_{i in E} A_E[i, V]                            # visual importance [N_v]
@@ -26,8 +27,15 @@ Parameters: ``budget=0.2`` (kept fraction of the visual tokens, averaged over la
 
 Choices where the paper is silent (docs/policies.md, AirCache):
 
+- the text rows: the observation window, the text after the last visual token (the
+  supplement's observation-window ablation compares elite rows with "all text" and "last 32
+  text" of that window). Not every text token: a system prompt before the image holds the
+  attention sinks, which then become the only elite row, and under the causal mask a row
+  before the image sees no visual key, so every importance would be 0 and the kept set the
+  first visual tokens (measured on the committed tiny model, docs/eval.md). No text after the
+  image: every text row is a candidate;
 - heads: mean over query heads; masking: causal (elite row ``i`` sees keys of ``V ∪ E`` at
-  positions <= ``i``; the last text row sees all text); one set per layer;
+  positions <= ``i``); one set per layer;
 - ``sigma`` is the sample standard deviation (ddof 1, matching the ``N_v/((N_v-1)(N_v-2))``
   sample-skewness factor); ``N_v < 3`` or ``sigma = 0`` gives skewness 0;
 - skewness is clipped at 0 *before* the normalisation by its layer mean (normalising a negative
@@ -96,6 +104,14 @@ def clip_to_mean(raw: list[float], target: float) -> list[float]:
         saturated.update(over)
 
 
+def observation_window(visual: torch.Tensor) -> torch.Tensor:
+    """The text positions after the last visual token (every text position if none follows
+    it): the rows elite tokens are chosen from."""
+    text = torch.nonzero(~visual).flatten()
+    after = text[text > int(torch.nonzero(visual).flatten()[-1])]
+    return after if after.numel() else text
+
+
 @dataclass(frozen=True)
 class AirCache(Policy):
     """Parameters: budget=0.2 (kept fraction of the visual tokens averaged over layers, in
@@ -121,7 +137,7 @@ class AirCache(Policy):
         visual = prompt.visual_cpu()
         if self._keeps_all(visual):
             return torch.zeros(0, dtype=torch.long)
-        return torch.nonzero(~visual).flatten()   # the text rows (elite candidates)
+        return observation_window(visual)
 
     def layer(self, state: StepState, inp: LayerInput) -> None:
         prompt = state.prompt
@@ -132,8 +148,8 @@ class AirCache(Policy):
             layers[inp.layer_idx] = None
             return None
         device = inp.query.device
-        text_pos = self.query_rows(prompt)   # the text rows
-        # elite rows: last text row over the text keys only
+        text_pos = self.query_rows(prompt)   # the observation window's text rows
+        # elite rows: last text row over the window's text keys only
         sub = text_pos.to(device)
         last = torch.tensor([text_pos.numel() - 1], device=device)
         att = head_mean_column_sums(inp.query[sub], inp.key[sub], last, inp.scale,
