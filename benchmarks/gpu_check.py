@@ -308,12 +308,20 @@ def within(got, ref, rtol: float, atol_rel: float) -> dict:
     rms = float(ref.square().mean().sqrt()) if ref.numel() else 0.0
     atol = atol_rel * max(rms, 1e-30)
     diff = (got - ref).abs()
-    bad = diff > atol + rtol * ref.abs()
+    bound = atol + rtol * ref.abs()
+    bad = diff > bound
+    worst = []
+    if bad.any():   # where the worst ones are, so a failure on a lent GPU can be read later
+        excess = torch.where(bad, diff / bound, torch.zeros_like(diff)).flatten()
+        for i in excess.topk(min(5, int(bad.sum()))).indices.tolist():
+            index = [int(x) for x in torch.unravel_index(torch.tensor(i), ref.shape)]
+            worst.append({"index": index, "ref": float(ref.flatten()[i]),
+                          "got": float(got.flatten()[i])})
     return {"max_abs_err": float(diff.max()) if diff.numel() else 0.0,
             "mean_abs_err": float(diff.mean()) if diff.numel() else 0.0,
             "ref_rms": rms, "ref_max": float(ref.abs().max()) if ref.numel() else 0.0,
             "rtol": rtol, "atol": atol,
-            "mismatches": int(bad.sum()),
+            "mismatches": int(bad.sum()), "worst": worst,
             "ok": not bool(bad.any()) and bool(torch.isfinite(got).all())}
 
 
@@ -325,6 +333,31 @@ def within(got, ref, rtol: float, atol_rel: float) -> dict:
 # relative per rounding).
 PROBE_TOL = {"fp32": (1e-4, 1e-4), "fp16": (2e-3, 2e-3), "bf16": (2e-3, 2e-3)}
 ATTN_TOL = {"fp32": (1e-4, 1e-4), "fp16": (5e-3, 5e-3), "bf16": (2e-2, 2e-2)}
+
+
+def attention_check(got, ref, ref_rounded, dname: str) -> dict:
+    """Sparse attention's verdict on its kept rows. `ref` is the fp32 reference, `ref_rounded`
+    the same torch computation with P rounded to the input dtype (what the kernel does for
+    P @ V). Pass: within ATTN_TOL of `ref` elementwise, or (16-bit inputs) max and mean error
+    against `ref` at most twice those of `ref_rounded`: FlashAttention's own test rule. The
+    second clause exists because rounding P costs absolute, not relative, error: where a few
+    large P·V terms cancel to a small output, a correct kernel misses rtol·|ref|. The first
+    H200 run (2026-12-04) failed the elementwise test on 30 of 12.7 M bf16 outputs (then over
+    all rows, zeros included); the rounded torch computation on CPU, same inputs, misses on
+    exactly 30 too, all in the first 28 kept rows of a sequence (few keys, |ref| < 0.04,
+    error <= 0.003)."""
+    res = within(got, ref, *ATTN_TOL[dname])
+    res["criterion"] = "elementwise"
+    if dname != "fp32":
+        yard = within(ref_rounded, ref, *ATTN_TOL[dname])
+        res["rounded_p_max_abs_err"] = yard["max_abs_err"]
+        res["rounded_p_mean_abs_err"] = yard["mean_abs_err"]
+        res["rounded_p_mismatches"] = yard["mismatches"]
+        twice = (res["max_abs_err"] <= 2 * yard["max_abs_err"] + 1e-6
+                 and res["mean_abs_err"] <= 2 * yard["mean_abs_err"] + 1e-8)
+        if not res["ok"] and twice:    # NaN errors compare False
+            res["ok"], res["criterion"] = True, "at most 2x the rounded-P torch error"
+    return res
 
 
 def correctness_cases(dry: bool) -> list[dict]:
@@ -423,12 +456,15 @@ def step_correctness(ctx, rec: Record) -> None:
                 cu_idx = torch.tensor([0, *counts], device=dev).cumsum(0)
                 got = kernels.sparse_prefill_attention(qq, kk, vv, indices, cu_seq, cu_idx,
                                                        max_kept=max(counts), backend="triton")
-                ref = sparse_attention.sparse_attention_reference(qq, kk, vv, indices, cu_seq,
-                                                                  cu_idx)
-                res = within(got, ref, *ATTN_TOL[dname])
+                ref, ref_rounded = (sparse_attention.sparse_attention_reference(
+                    qq, kk, vv, indices, cu_seq, cu_idx, round_probabilities=rounded)
+                    for rounded in (False, True))
                 kept_rows = torch.zeros(total, dtype=torch.bool, device=dev)
                 kept_rows[(indices + torch.repeat_interleave(
                     cu_seq[:-1], torch.tensor(counts, device=dev))).long()] = True
+                # errors on the kept rows only: the zero rows would shrink the RMS-relative atol
+                res = attention_check(got[kept_rows], ref[kept_rows], ref_rounded[kept_rows],
+                                      dname)
                 zeros_ok = bool((got[~kept_rows] == 0).all())
                 return {**res, "ok": res["ok"] and zeros_ok, "dropped_rows_zero": zeros_ok,
                         "seqs": list(lens), "kept": counts}

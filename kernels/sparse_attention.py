@@ -44,8 +44,15 @@ from .triton_common import LOG2E, dot
 def sparse_attention_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                indices: torch.Tensor, cu_seqlens: torch.Tensor,
                                cu_indices: torch.Tensor, scale: float | None = None,
-                               chunk: int = 1024) -> torch.Tensor:
-    """fp32 torch version, one sequence and ``chunk`` kept query rows at a time."""
+                               chunk: int = 1024, round_probabilities: bool = False
+                               ) -> torch.Tensor:
+    """fp32 torch version, one sequence and ``chunk`` kept query rows at a time.
+
+    ``round_probabilities``: round the unnormalised probabilities exp(s - max) to the input
+    dtype before P @ V, as FlashAttention-style kernels (the Triton one below included) do to
+    feed the tensor cores. With bf16/fp16 inputs this is the yardstick for a low-precision
+    kernel's error (FlashAttention's tests: a kernel may err at most twice as much as the torch
+    computation with the same roundings); with fp32 inputs it changes nothing."""
     num_heads, head_dim = query.shape[1], query.shape[2]
     group = num_heads // key.shape[1]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
@@ -66,7 +73,11 @@ def sparse_attention_reference(query: torch.Tensor, key: torch.Tensor, value: to
             ranks = torch.arange(start, stop, device=query.device)[:, None]
             logits.masked_fill_(torch.arange(stop, device=query.device)[None, :] > ranks,
                                 float("-inf"))
-            o = torch.matmul(torch.softmax(logits, -1), v[:, :stop])
+            if round_probabilities:
+                p = torch.exp(logits - logits.amax(-1, keepdim=True))
+                o = torch.matmul(p.to(query.dtype).float(), v[:, :stop]) / p.sum(-1, keepdim=True)
+            else:
+                o = torch.matmul(torch.softmax(logits, -1), v[:, :stop])
             out[rows[start:stop]] = o.transpose(0, 1).to(query.dtype)
     return out
 
