@@ -51,7 +51,9 @@ class SparsityConfig:
     record_dir: debug only. When set, each worker appends one JSON line per (request, layer)
         with the kept set to `record_dir/kept-<pid>.jsonl`.
     record_tensors: debug only (needs record_dir). Also save each sparse layer's query, key,
-        value and output per request as `record_dir/tensors-<req>-layer<i>.pt`.
+        value and output per request as `record_dir/tensors-<req>-layer<i>.pt` (sparse
+        prefills; dense prefills: key and value as `prefill-<req>-layer<i>.pt`), and each
+        decode step's as `decode-<req>-<layer name>.pt`.
     cpu_sparse_kernel: the CPU backend's sparse-attention kernel: "torch" (fp32 SDPA over the
         kept rows), "vllm" (vLLM's own CPU attention kernel over the kept rows, in the cache
         dtype: attention/cpu_kernel.py) or "auto" (the measured choice for the CPU's ISA).

@@ -75,6 +75,46 @@ def test_decode_attention_equals_reference_over_kept_set(peaked_model, tmp_path)
         assert worst_dense > 5 * worst_kept, (layer, worst_dense, worst_kept)
 
 
+@pytest.mark.parametrize("method", ["snapkv", "vlcache", "aircache"])
+def test_dense_prefill_methods_decode_over_their_kept_set(peaked_model, tmp_path, method):
+    """The methods that prefill densely and evict afterwards (right after the layer, or, for
+    the deferred vlcache and aircache, after the last layer, each layer keeping its own count):
+    every decode step of every layer attends over exactly the recorded kept prompt tokens and
+    the tokens decoded so far, not over the whole prompt and not over stale slots."""
+    rec = tmp_path / "records"
+    config = {"kv_sparsity": method, "kv_sparsity_config": {
+        "min_prompt_len": 0, "budget": 0.3, "record_dir": str(rec), "record_tensors": True}}
+    run_offline({"model": peaked_model, "prompts": [TWO_IMAGES], "max_tokens": 40,
+                 "additional_config": config}, tmp_path)
+    kept = {r["layer"]: torch.tensor(r["kept"]) for r in read_records(rec)}
+    prefill = {int(p.stem.rsplit("layer", 1)[1]): torch.load(p)
+               for p in rec.glob("prefill-*.pt")}
+    decode = {int(p.stem.split("layers.")[1].split(".")[0]): torch.load(p)
+              for p in rec.glob("decode-*.pt")}
+    assert len(kept) >= 2 and set(kept) == set(prefill) <= set(decode)
+    assert len({k.numel() for k in kept.values()}) > 1 or method == "snapkv", \
+        "a per-layer budget method kept the same count in every layer: nothing tested"
+    for layer, pre in prefill.items():
+        n = pre["key"].shape[0]
+        assert kept[layer].numel() < n
+        keys, values = [pre["key"][kept[layer]].float()], [pre["value"][kept[layer]].float()]
+        worst_kept = worst_dense = 0.0
+        for j, step in enumerate(decode[layer]):
+            assert step["position"] == n + j
+            keys.append(step["key"].float())
+            values.append(step["value"].float())
+            ref = _attend(step["query"].float(), torch.cat(keys), torch.cat(values),
+                          pre["scale"])
+            worst_kept = max(worst_kept, (ref - step["output"].float()).abs().max().item())
+            k_all = torch.cat([pre["key"].float(), *keys[1:]])
+            v_all = torch.cat([pre["value"].float(), *values[1:]])
+            dense = _attend(step["query"].float(), k_all, v_all, pre["scale"])
+            worst_dense = max(worst_dense, (dense - step["output"].float()).abs().max().item())
+        assert len(decode[layer]) >= 39
+        assert worst_kept < 2e-2, (layer, worst_kept)
+        assert worst_dense > 5 * worst_kept, (layer, worst_dense, worst_kept)
+
+
 def _attend(q, k, v, scale):
     """q [1, H, d] over k, v [t, Hkv, d]; fp32."""
     group = q.shape[1] // k.shape[1]
