@@ -7,4 +7,4 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$ROOT/scripts/install.sh" >/dev/null
 bash "$ROOT/scripts/install_prometheus.sh" >/dev/null   # a real Prometheus for the metrics tests
 cd "$ROOT"
-exec .venv/bin/python -m pytest -q -ra "$@"
+exec .venv/bin/python -m pytest -q -ra --durations=25 "$@"   # the slowest 25: the suite's time budget
