@@ -139,11 +139,10 @@ class LayerSparsity:
 
     def save_prefill_kv(self, req_id: str, key: torch.Tensor, value: torch.Tensor) -> None:
         """Debug (record_tensors): a dense prefill's prompt K/V of this layer before eviction,
-        so a test can recompute decode attention over the recorded kept set."""
-        if self.cfg.record_dir and self.cfg.record_tensors:
-            torch.save({"key": key, "value": value, "scale": self.scale},
-                       os.path.join(self.cfg.record_dir,
-                                    f"prefill-{req_id}-layer{self.layer_idx}.pt"))
+        so a test can recompute decode attention over the recorded kept set. The caller checks
+        record_dir and record_tensors (once per step, off the hot path when unset)."""
+        torch.save({"key": key, "value": value, "scale": self.scale},
+                   os.path.join(self.cfg.record_dir, f"prefill-{req_id}-layer{self.layer_idx}.pt"))
 
     def _save_tensors(self, sel, query, key, value, out, kernel: str) -> None:
         """Debug: the inputs and output of this layer's sparse prefill (and the kernel that
