@@ -85,6 +85,10 @@ class SparsityConfig:
             raise SparsityConfigError(
                 f"kv-sparsity-config: record_dir={self.record_dir!r} is invalid; "
                 "valid values are a directory path or null")
+        if self.record_tensors and not self.record_dir:
+            raise SparsityConfigError(
+                "kv-sparsity-config: record_tensors=true needs record_dir (where the tensors "
+                "are written); valid values: set record_dir, or record_tensors=false")
         object.__setattr__(self, "_policy", self._build_policy())
         # Every parameter in force (defaults filled in, values normalised by the policy): two
         # configs that run the same are equal, and the round trip through additional_config

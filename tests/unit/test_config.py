@@ -58,6 +58,7 @@ def test_empty_additional_config_is_none():
     ("zipvl", {"exempt_layers": [-1]}, "exempt layer -1 is invalid"),
     ("zipvl", {"exempt_layers": "0,1"}, "exempt_layers='0,1' is invalid"),
     ("zipvl", {"evict": "yes"}, "evict='yes' is invalid; valid values are true, false"),
+    ("zipvl", {"record_tensors": True}, "record_tensors=true needs record_dir"),
     ("zipvl", {"tua": 0.9}, "unknown key 'tua' for zipvl; valid keys are tau, "),
     ("snapkv", {"tau": 0.9}, "unknown key 'tau' for snapkv; valid keys are budget, "),
     ("snapkv", {"budget": 0}, "snapkv: budget=0 is invalid; valid values are numbers in (0, 1]"),

@@ -325,7 +325,7 @@ class KVSparseImplMixin:
             super().forward(layer, query[tokens], key[tokens], value[tokens], kv_cache,
                             plan.dense_md, dense_out)
             output[tokens] = dense_out
-        if self.sparsity.record_dir and self.sparsity.record_tensors:   # debug: dense prefills' K/V
+        if self.sparsity.record_tensors:   # debug: dense prefills' K/V
             for row, sel, inp in zip(plan.sparse_rows, selections, inputs):
                 if sel is None or not sel.sparse_attention:
                     sparsity.save_prefill_kv(row.req_id, inp.key, inp.value)

@@ -123,7 +123,7 @@ class LayerSparsity:
             out[:n] = _sparse_attention(query[:n], key[:n], value[:n], sel.indices, self.scale,
                                         kernel=kernel, first_row=first_row)
             out[n:] = _dense_tail(query, key, value, n, self.scale)
-        if self.cfg.record_dir and self.cfg.record_tensors:
+        if self.cfg.record_tensors:
             name = getattr(kernel, "name", None) or (
                 "triton" if query.is_cuda else "torch-reference")
             self._save_tensors(sel, query, key, value, out, name)
@@ -140,7 +140,8 @@ class LayerSparsity:
     def save_prefill_kv(self, req_id: str, key: torch.Tensor, value: torch.Tensor) -> None:
         """Debug (record_tensors): a dense prefill's prompt K/V of this layer before eviction,
         so a test can recompute decode attention over the recorded kept set. The caller checks
-        record_dir and record_tensors (once per step, off the hot path when unset)."""
+        record_tensors (once per step, off the hot path when unset; the config makes it imply
+        record_dir)."""
         torch.save({"key": key, "value": value, "scale": self.scale},
                    os.path.join(self.cfg.record_dir, f"prefill-{req_id}-layer{self.layer_idx}.pt"))
 
