@@ -73,8 +73,7 @@ def run_group(k: int, group: dict, args, work: Path) -> dict:
     specs.update({name: (flags, work / f"g{k}-{i}")
                   for i, (name, flags) in enumerate(group.items())})
     with ExitStack() as stack:
-        block = ["--block-size", str(args.block_size)] if args.block_size else []
-        servers = start_all(stack, {n: common.serve_process(args.model, SERVE + block + f, w, 600)
+        servers = start_all(stack, {n: common.serve_process(args.model, SERVE + f, w, 600)
                                     for n, (f, w) in specs.items()})
         cmd = [str(common.BIN / "vllm-kvsparse"), "eval", "--dataset", args.dataset,
                "--limit", str(args.limit), "--max-tokens", str(args.max_tokens),
@@ -114,8 +113,8 @@ def merge(run_dirs: list[str], out: Path, argv: list[str]) -> str:
     """One matrix.json/matrix.md from several runs' matrix.json (same model and dataset)."""
     runs = [json.loads((Path(d) / "matrix.json").read_text()) for d in run_dirs]
     for r, d in zip(runs[1:], run_dirs[1:]):
-        for key in ("dataset", "limit", "block_size"):
-            if r.get(key) != runs[0].get(key):
+        for key in ("dataset", "limit"):
+            if r[key] != runs[0][key]:
                 raise SystemExit(f"eval_matrix --merge: {d} has {key} {r[key]!r}, "
                                  f"{run_dirs[0]} has {runs[0][key]!r}")
     order = {m: i for i, m in enumerate(METHOD_NAMES)}
@@ -134,7 +133,6 @@ def merge(run_dirs: list[str], out: Path, argv: list[str]) -> str:
                                               "date": r["date"], "machine": r["machine"]}
                                              for d, r in zip(run_dirs, runs)],
         "model": runs[0]["model"], "dataset": runs[0]["dataset"], "limit": runs[0]["limit"],
-        "block_size": runs[0].get("block_size"),
         "dense": [d for r in runs for d in r["dense"]], "rows": rows})
     (out / "matrix.md").write_text(table + "\n")
     return table
@@ -157,11 +155,6 @@ def main() -> int:
     ap.add_argument("--fastv-k", type=int, default=1,
                     help="FastV's k (default 1: the committed model has 2 layers, and FastV's "
                          "own default k=2 would prune no layer of it)")
-    ap.add_argument("--block-size", type=int, default=None,
-                    help="vLLM's --block-size for every server, dense included (default: the "
-                         "plugin's, 32 tokens with eviction on CPU); eviction keeps whole "
-                         "blocks, so 16 lets the ~100-token short prompts keep 1-6 blocks "
-                         "instead of 1-3")
     ap.add_argument("--parallel", type=int, default=3, help="configurations served at once")
     ap.add_argument("--quick", action="store_true",
                     help="zipvl 0.975 and random 0.1 on 4 samples of color (smoke run)")
@@ -206,7 +199,7 @@ def main() -> int:
         table = markdown(dense_rows[:1] + rows, tasks)
         common.write_json(out / "matrix.json", {
             **meta, "model": args.model, "dataset": args.dataset, "limit": args.limit,
-            "block_size": args.block_size, "max_tokens": args.max_tokens, "groups_done": k + 1, "groups": len(groups),
+            "max_tokens": args.max_tokens, "groups_done": k + 1, "groups": len(groups),
             "dense": dense_rows, "rows": rows})
         (out / "matrix.md").write_text(table + "\n")
     print(table)
