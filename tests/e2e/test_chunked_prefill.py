@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import run_offline
+from helpers import run_offline_all
 from vllm_kvsparse.records import read_records
 
 # one 672x672 image (576 visual tokens) plus text: ~600 prompt tokens, 3 chunks of 256
@@ -31,13 +31,16 @@ def kept_sets(rec_dir):
     return {(r["num_tokens"], r["layer"]): r["kept"] for r in read_records(str(rec_dir))}
 
 
-def run(model, method, options, engine, workdir):
-    rec = workdir / "rec"
-    out = run_offline({"model": model, "prompts": PROMPTS, "max_tokens": 4, "engine": engine,
-                       "additional_config": {"kv_sparsity": method, "kv_sparsity_config": {
-                           "min_prompt_len": 128, "record_dir": str(rec), **options}}},
-                      workdir)
-    return out, kept_sets(rec)
+def run(model, method, options, engines: dict, tmp_path):
+    """The same prompts through one engine per scheduler setting, all at once: name ->
+    (outputs, kept sets)."""
+    def spec(engine, rec):
+        return {"model": model, "prompts": PROMPTS, "max_tokens": 4, "engine": engine,
+                "additional_config": {"kv_sparsity": method, "kv_sparsity_config": {
+                    "min_prompt_len": 128, "record_dir": str(rec), **options}}}
+    outs = run_offline_all({name: (spec(engine, tmp_path / name / "rec"), tmp_path / name)
+                            for name, engine in engines.items()})
+    return {name: (out, kept_sets(tmp_path / name / "rec")) for name, out in outs.items()}
 
 
 @pytest.mark.parametrize("method,options", [
@@ -47,8 +50,8 @@ def run(model, method, options, engine, workdir):
     ("vlcache", {"budget": 0.2}),
 ])
 def test_chunked_prefill_selects_as_one_step(peaked_model, tmp_path, method, options):
-    one_out, one = run(peaked_model, method, options, ONE_STEP, tmp_path / "one")
-    chunked_out, chunked = run(peaked_model, method, options, CHUNKED, tmp_path / "chunked")
+    runs = run(peaked_model, method, options, {"one": ONE_STEP, "chunked": CHUNKED}, tmp_path)
+    (one_out, one), (chunked_out, chunked) = runs["one"], runs["chunked"]
     lens = sorted({n for n, _ in one})
     assert chunked_out["scheduler"] == {"enable_chunked_prefill": True,     # kept as asked
                                         "max_num_batched_tokens": 256}

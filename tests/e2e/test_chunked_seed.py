@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import random
 import time
+from contextlib import ExitStack
 
 import pytest
 import requests
 from helpers import VllmServer
 
+from vllm_kvsparse.bench.server import start_all
 from vllm_kvsparse.tiny_model import WORDS
 
 pytestmark = pytest.mark.e2e
@@ -80,31 +82,39 @@ def serve(tiny_model, workdir, args, plugins):
 
 
 @pytest.fixture(scope="module")
-def stock(tiny_model, tmp_path_factory):
-    """Stock vLLM (no plugin): what works, the one-step reference, then the crashing request."""
+def servers(tiny_model, tmp_path_factory):
+    """Stock vLLM (no plugin) and the plugin on every route, all started at once."""
+    specs = {"stock": serve(tiny_model, tmp_path_factory.mktemp("stock"), [], plugins=False)}
+    specs.update({route: serve(tiny_model, tmp_path_factory.mktemp(route), args, plugins=True)
+                  for route, args in ROUTES.items()})
+    with ExitStack() as stack:
+        yield start_all(stack, specs)
+
+
+@pytest.fixture(scope="module")
+def stock(servers):
+    """Stock vLLM: what works, the one-step reference, then the crashing request."""
     out = {}
-    with serve(tiny_model, tmp_path_factory.mktemp("stock"), [], plugins=False) as srv:
-        text = prompt("reference")
-        out["greedy"] = tokens(chat(srv.url, text, temperature=0, seed=0))   # fills the cache
-        out["one_step"] = tokens(chat(srv.url, text, **SAMPLED))            # prefix-cache hit
-        try:
-            out["crashing"] = chat(srv.url, prompt("fresh"), **SAMPLED)
-        except requests.RequestException as e:
-            out["crashing"] = e
-        time.sleep(2)
-        try:
-            out["health"] = requests.get(srv.url + "/health", timeout=10).status_code
-        except requests.RequestException as e:
-            out["health"] = repr(e)
-        out["log"] = srv.log()
+    srv = servers["stock"]
+    text = prompt("reference")
+    out["greedy"] = tokens(chat(srv.url, text, temperature=0, seed=0))   # fills the cache
+    out["one_step"] = tokens(chat(srv.url, text, **SAMPLED))            # prefix-cache hit
+    try:
+        out["crashing"] = chat(srv.url, prompt("fresh"), **SAMPLED)
+    except requests.RequestException as e:
+        out["crashing"] = e
+    time.sleep(2)
+    try:
+        out["health"] = requests.get(srv.url + "/health", timeout=10).status_code
+    except requests.RequestException as e:
+        out["health"] = repr(e)
+    out["log"] = srv.log()
     return out
 
 
 @pytest.fixture(scope="module", params=list(ROUTES))
-def plugin(request, tiny_model, tmp_path_factory):
-    with serve(tiny_model, tmp_path_factory.mktemp(request.param), ROUTES[request.param],
-               plugins=True) as srv:
-        yield srv
+def plugin(request, servers):
+    return servers[request.param]
 
 
 def test_stock_vllm_still_crashes(stock):

@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from helpers import STEPPED_RUNNER, run_offline
+from helpers import STEPPED_RUNNER, run_offline, run_offline_all
 
 from vllm_kvsparse import zipvl as zipvl_math
 from vllm_kvsparse.records import read_records
@@ -32,9 +32,10 @@ def test_tau_one_with_eviction_is_identical_to_none(tiny_model, tmp_path):
     prompts = [TWO_IMAGES, {"image": {"seed": 3}}, {"tokens": 900, "seed": 4}]
     spec = {"model": tiny_model, "prompts": prompts, "max_tokens": 96,
             "engine": {"block_size": 32}}
-    none = run_offline({**spec, "additional_config": {"kv_sparsity": "none"}}, tmp_path / "n")
-    keep_all = run_offline({**spec, "additional_config": zipvl(tau=1.0)}, tmp_path / "z")
-    assert keep_all["outputs"] == none["outputs"]
+    runs = run_offline_all({
+        "none": ({**spec, "additional_config": {"kv_sparsity": "none"}}, tmp_path / "n"),
+        "keep_all": ({**spec, "additional_config": zipvl(tau=1.0)}, tmp_path / "z")})
+    assert runs["keep_all"]["outputs"] == runs["none"]["outputs"]
 
 
 def test_decode_attention_equals_reference_over_kept_set(peaked_model, tmp_path):
@@ -117,12 +118,14 @@ def _attend(q, k, v, scale):
 def test_kv_usage_is_the_kept_fraction_of_dense(peaked_model, tmp_path):
     req = [{"id": "long", "prompt": TWO_IMAGES, "max_tokens": 64}]
     engine = {"block_size": 32, "kv_cache_memory_bytes": 32 << 20}
-    dense = stepped({"model": peaked_model, "requests": req, "engine": engine,
-                     "additional_config": {"kv_sparsity": "none"}}, tmp_path / "dense")
     rec = tmp_path / "records"
-    sparse = stepped({"model": peaked_model, "requests": req, "engine": engine,
-                      "additional_config": zipvl(tau=0.9, record_dir=str(rec))},
-                     tmp_path / "zipvl")
+    runs = run_offline_all({
+        "dense": ({"model": peaked_model, "requests": req, "engine": engine,
+                   "additional_config": {"kv_sparsity": "none"}}, tmp_path / "dense"),
+        "sparse": ({"model": peaked_model, "requests": req, "engine": engine,
+                    "additional_config": zipvl(tau=0.9, record_dir=str(rec))},
+                   tmp_path / "zipvl")}, runner=STEPPED_RUNNER)
+    dense, sparse = runs["dense"], runs["sparse"]
     layers = sparse["num_groups"]
     assert dense["num_groups"] == 1 and layers == 4   # one KV-cache group per layer
     records = read_records(str(rec))
@@ -197,13 +200,15 @@ def test_preempted_requests_match_the_same_requests_run_alone(peaked_model, tmp_
         # Without eviction two ~271-token prompts (9 blocks each) are admitted and then both
         # need a 10th block while decoding: 19 blocks (one is vLLM's null block) force it.
         engine["num_gpu_blocks_override"] = 19
-    squeezed = stepped({"model": peaked_model, "requests": requests, "additional_config": config,
-                        "engine": engine}, tmp_path / "squeezed")
+    alone_engine = {"max_num_seqs": 1, "kv_cache_memory_bytes": 32 << 20, "max_model_len": 512,
+                    "block_size": 32}
+    runs = run_offline_all({
+        "squeezed": ({"model": peaked_model, "requests": requests, "additional_config": config,
+                      "engine": engine}, tmp_path / "squeezed"),
+        "alone": ({"model": peaked_model, "requests": requests, "additional_config": config,
+                   "engine": alone_engine}, tmp_path / "alone")}, runner=STEPPED_RUNNER)
+    squeezed, alone = runs["squeezed"], runs["alone"]
     assert squeezed["preempted"], "the cache was meant to force recompute"
-    alone = stepped({"model": peaked_model, "requests": requests, "additional_config": config,
-                     "engine": {"max_num_seqs": 1, "kv_cache_memory_bytes": 32 << 20,
-                                "max_model_len": 512, "block_size": 32}},
-                    tmp_path / "alone")
     assert not alone["preempted"]
     if evict:
         assert squeezed["outputs"] == alone["outputs"]

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 
 import pytest
 import requests
 from helpers import VllmServer, chat_image, image_data_url, make_image
 from test_metrics import scrape, value
+
+from vllm_kvsparse.bench.server import start_all
 
 pytestmark = pytest.mark.e2e
 
@@ -29,9 +32,11 @@ SHORT = "Describe a red square on a grey background in a few words. " * 4   # < 
 def servers(tiny_model, tmp_path_factory):
     """(prefix caching on: vLLM's default, prefix caching off: the cold reference)."""
     work = tmp_path_factory.mktemp("prefix")
-    with VllmServer(tiny_model, ARGS, work / "cached") as cached, \
-            VllmServer(tiny_model, [*ARGS, "--no-enable-prefix-caching"], work / "cold") as cold:
-        yield cached, cold
+    with ExitStack() as stack:   # both started at once
+        servers = start_all(stack, {
+            "cached": VllmServer(tiny_model, ARGS, work / "cached"),
+            "cold": VllmServer(tiny_model, [*ARGS, "--no-enable-prefix-caching"], work / "cold")})
+        yield servers["cached"], servers["cold"]
 
 
 def ask_image(srv, img, question, max_tokens=8):

@@ -2,12 +2,14 @@
 
 import concurrent.futures as cf
 import math
+from contextlib import ExitStack
 
 import pytest
 import torch
-from helpers import VllmServer, chat_image, make_image, run_offline
+from helpers import VllmServer, chat_image, make_image, run_offline, run_offline_all
 
 from vllm_kvsparse import zipvl
+from vllm_kvsparse.bench.server import start_all
 from vllm_kvsparse.records import read_records
 
 pytestmark = pytest.mark.e2e
@@ -22,13 +24,14 @@ def zipvl_config(**options):
 
 
 def test_tau_one_offline_is_identical_to_none(tiny_model, tmp_path):
-    none = run_offline({"model": tiny_model, "prompts": PROMPTS,
-                        "additional_config": {"kv_sparsity": "none"}}, tmp_path / "none")
     rec = tmp_path / "records"
-    keep_all = run_offline({"model": tiny_model, "prompts": PROMPTS,
-                            "additional_config": zipvl_config(tau=1.0, record_dir=str(rec))},
-                           tmp_path / "zipvl")
-    assert keep_all["outputs"] == none["outputs"]
+    runs = run_offline_all({
+        "none": ({"model": tiny_model, "prompts": PROMPTS,
+                  "additional_config": {"kv_sparsity": "none"}}, tmp_path / "none"),
+        "keep_all": ({"model": tiny_model, "prompts": PROMPTS,
+                      "additional_config": zipvl_config(tau=1.0, record_dir=str(rec))},
+                     tmp_path / "zipvl")})
+    assert runs["keep_all"]["outputs"] == runs["none"]["outputs"]
     records = read_records(str(rec))
     # the sparse path really ran: every layer of every prompt selected, and kept everything
     assert len({(r["req_id"], r["layer"]) for r in records}) == len(PROMPTS) * 2
@@ -50,23 +53,25 @@ def test_tau_one_with_fp8_kv_cache_is_identical_to_none(tiny_model, tmp_path, ca
     spec = {"model": tiny_model, "prompts": PROMPTS[:3], "max_tokens": 24,
             "engine": {"kv_cache_dtype": cache_dtype, "enable_chunked_prefill": False,
                        "max_num_batched_tokens": 2048}}
-    none = run_offline({**spec, "additional_config": {"kv_sparsity": "none"}}, tmp_path / "n")
     rec = tmp_path / "records"
-    keep_all = run_offline({**spec, "additional_config": zipvl_config(
-        tau=1.0, record_dir=str(rec))}, tmp_path / "z")
-    assert keep_all["outputs"] == none["outputs"]
+    runs = run_offline_all({
+        "none": ({**spec, "additional_config": {"kv_sparsity": "none"}}, tmp_path / "n"),
+        "keep_all": ({**spec, "additional_config": zipvl_config(tau=1.0, record_dir=str(rec))},
+                     tmp_path / "z")})
+    assert runs["keep_all"]["outputs"] == runs["none"]["outputs"]
     assert len(read_records(str(rec))) == 3 * 2     # the sparse path ran in every layer
 
 
 def test_tau_one_served_is_identical_to_none(tiny_model, tmp_path):
     images = [make_image(seed=s) for s in (11, 12)]
-    answers = {}
-    for mode, args in [("none", ["--kv-sparsity", "none"]),
-                       ("zipvl", ["--kv-sparsity", "zipvl", "--kv-sparsity-config",
-                                  '{"tau": 1.0, "min_prompt_len": 0}'])]:
-        with VllmServer(tiny_model, args, tmp_path / mode) as srv:
-            answers[mode] = [chat_image(srv.client(), img, max_tokens=24).choices[0].message
-                             .content for img in images]
+    modes = {"none": ["--kv-sparsity", "none"],
+             "zipvl": ["--kv-sparsity", "zipvl", "--kv-sparsity-config",
+                       '{"tau": 1.0, "min_prompt_len": 0}']}
+    with ExitStack() as stack:   # both servers started at once
+        servers = start_all(stack, {mode: VllmServer(tiny_model, args, tmp_path / mode)
+                                    for mode, args in modes.items()})
+        answers = {mode: [chat_image(srv.client(), img, max_tokens=24).choices[0].message
+                          .content for img in images] for mode, srv in servers.items()}
     assert answers["zipvl"] == answers["none"]
 
 

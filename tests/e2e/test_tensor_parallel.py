@@ -39,15 +39,25 @@ METHODS = {"zipvl": {"tau": 0.8}, "snapkv": {"budget": 0.3}}
 FIRST_TOKENS = 8
 
 
-def run(tiny_model, workdir, method, options=None, tp=1, record_dir=None):
+def spec(tiny_model, method, options=None, tp=1, record_dir=None) -> dict:
     config = {"kv_sparsity": method}
     if method != "none":
         config["kv_sparsity_config"] = {"min_prompt_len": 0, **(options or {}),
                                         **({"record_dir": str(record_dir)} if record_dir else {})}
-    spec = {"model": tiny_model, "prompts": PROMPTS, "max_tokens": 16,
+    return {"model": tiny_model, "prompts": PROMPTS, "max_tokens": 16,
             "engine": {"block_size": BLOCK, **(TP2 if tp == 2 else {})},
             "additional_config": config, "uni": tp == 1}
-    return run_offline(spec, workdir, env=TP2_ENV if tp == 2 else None)
+
+
+def run_tp1_and_tp2(tiny_model, workdir, method, options=None, record_dirs=None) -> dict:
+    """The same prompts at TP=1 and TP=2, both engines at once: tp -> output."""
+    record_dirs = record_dirs or {1: None, 2: None}
+    with ThreadPoolExecutor(2) as pool:
+        futures = {tp: pool.submit(run_offline, spec(tiny_model, method, options, tp,
+                                                     record_dirs[tp]),
+                                   workdir / f"tp{tp}", env=TP2_ENV if tp == 2 else None)
+                   for tp in (1, 2)}
+        return {tp: f.result() for tp, f in futures.items()}
 
 
 def kept_sets(record_dir, tp_rank):
@@ -64,19 +74,16 @@ def kept_sets(record_dir, tp_rank):
 @pytest.fixture(scope="module")
 def dense(tiny_model, tmp_path_factory):
     """`--kv-sparsity none` greedy tokens at TP=1 and TP=2."""
-    return {tp: run(tiny_model, tmp_path_factory.mktemp(f"none-tp{tp}"), "none", tp=tp)["outputs"]
-            for tp in (1, 2)}
+    runs = run_tp1_and_tp2(tiny_model, tmp_path_factory.mktemp("none"), "none")
+    return {tp: out["outputs"] for tp, out in runs.items()}
 
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_tp2_ranks_agree_and_match_tp1(method, tiny_model, dense, tmp_path):
-    results, sets = {}, {}
-    for tp in (1, 2):
-        rec = tmp_path / f"rec-tp{tp}"
-        results[tp] = run(tiny_model, tmp_path / f"tp{tp}", method, METHODS[method], tp, rec)
-        sets[tp] = kept_sets(rec, 0)
-        if tp == 2:
-            assert kept_sets(rec, 1) == sets[2], "the TP ranks kept different tokens"
+    recs = {tp: tmp_path / f"rec-tp{tp}" for tp in (1, 2)}
+    results = run_tp1_and_tp2(tiny_model, tmp_path, method, METHODS[method], recs)
+    sets = {tp: kept_sets(recs[tp], 0) for tp in (1, 2)}
+    assert kept_sets(recs[2], 1) == sets[2], "the TP ranks kept different tokens"
     assert set(sets[1]) == set(sets[2]) and len(sets[1]) == len(PROMPTS) * 2
     assert any(len(kept) < n for (n, _), kept in sets[1].items()), "nothing was dropped"
     differing = {}
