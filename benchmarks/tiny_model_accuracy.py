@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from vllm_kvsparse.evaluation import synthetic  # noqa: E402
-from vllm_kvsparse.evaluation.train import _batch  # noqa: E402
+from vllm_kvsparse.evaluation.train import teacher_forced_answers  # noqa: E402
 
 MODEL = common.REPO / "tests" / "fixtures" / "tiny-qwen2vl-vqa"
 DEFAULT_TASKS = "color,position,count,which_picture,long_color,long4k_color"
@@ -43,41 +43,30 @@ def square_colour(sample) -> str | None:
 def answer_words(model, processor, samples, batch_size: int = 16) -> list[str]:
     """Each sample's predicted answer word: the argmax at each of the expected word's tokens
     (a digit is two: a space and the digit), with the lead-in before it teacher-forced."""
-    import torch
-
     lead_in = processor.tokenizer.encode(synthetic.LEAD_IN)
     out = []
-    with torch.no_grad():
-        for i in range(0, len(samples), batch_size):
-            chunk = samples[i:i + batch_size]
-            enc = _batch(processor, chunk)
-            labels = enc.pop("labels")
-            predicted = model(**enc).logits.argmax(-1)
-            for j, s in enumerate(chunk):
-                word = processor.tokenizer.encode(f"{synthetic.LEAD_IN} {s.answers[-1]}")
-                assert word[:len(lead_in)] == lead_in, "the lead-in tokenizes alone"
-                answer_at = (labels[j] != -100).nonzero()[:, 0]   # lead-in, word, ".", end
-                at = answer_at[len(lead_in):len(word)]
-                out.append(processor.tokenizer.decode(predicted[j, at - 1]).strip())
+    for s, _, predicted in teacher_forced_answers(model, processor, samples, batch_size):
+        word = processor.tokenizer.encode(f"{synthetic.LEAD_IN} {s.answers[-1]}")
+        assert word[:len(lead_in)] == lead_in, "the lead-in tokenizes alone"
+        out.append(processor.tokenizer.decode(predicted[len(lead_in):len(word)]).strip())
     return out
 
 
 def evaluate(model, processor, task: str, n: int, seed: int) -> dict:
     samples = synthetic.generate([task], n, seed, "test")
     predicted = answer_words(model, processor, samples)
-    confusion = collections.Counter()
-    per_colour = collections.defaultdict(lambda: [0, 0])
+    errors = collections.Counter()
+    per_colour = collections.defaultdict(lambda: [0, 0])   # colour -> [right, seen]
     for s, p in zip(samples, predicted):
         right = p == s.answers[-1]
-        confusion[f"{s.answers[-1]} -> {p}"] += 1
+        if not right:
+            errors[f"{s.answers[-1]} -> {p}"] += 1
         colour = square_colour(s)
         if colour is not None:
             per_colour[colour][0] += right
             per_colour[colour][1] += 1
-    n_right = sum(p == s.answers[-1] for s, p in zip(samples, predicted))
-    return {"task": task, "n": n, "accuracy": n_right / n,
-            "errors": {k: v for k, v in confusion.most_common() if k.split(" -> ")[0]
-                       != k.split(" -> ")[1]},
+    return {"task": task, "n": n, "accuracy": (n - sum(errors.values())) / n,
+            "errors": dict(errors.most_common()),
             "per_colour": {c: {"accuracy": r / t, "n": t} for c, (r, t) in
                            sorted(per_colour.items())}}
 

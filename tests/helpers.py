@@ -77,14 +77,16 @@ def run_offline(spec: dict, workdir: Path, plugins: bool = True, timeout: float 
 
 
 def run_offline_all(jobs: dict, **kw) -> dict:
-    """Several `run_offline`s at once, each its own engine process: {name: (spec, workdir)} ->
-    {name: output}. Most of a short run is the engine's import, profiling and warm-up, which
-    overlap on 2 cores; results do not depend on it (each engine's threads are its own)."""
+    """Several `run_offline`s at once, each its own engine process: {name: (spec, workdir)} or
+    {name: (spec, workdir, that job's own run_offline keywords)} -> {name: output}; `kw` go to
+    every job. Most of a short run is the engine's import, profiling and warm-up, which overlap
+    on 2 cores; results do not depend on it (each engine's threads are its own)."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(len(jobs)) as pool:
-        futures = {name: pool.submit(run_offline, spec, workdir, **kw)
-                   for name, (spec, workdir) in jobs.items()}
+        futures = {name: pool.submit(run_offline, job[0], job[1], **kw,
+                                     **(job[2] if len(job) > 2 else {}))
+                   for name, job in jobs.items()}
         return {name: f.result() for name, f in futures.items()}
 
 

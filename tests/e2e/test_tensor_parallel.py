@@ -21,7 +21,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from helpers import STEPPED_RUNNER, VllmServer, chat_image, make_image, run_offline
+from helpers import (STEPPED_RUNNER, VllmServer, chat_image, make_image, run_offline,
+                     run_offline_all)
 from test_methods_served import blocks_freed_by
 from test_metrics import scrape, value
 
@@ -52,12 +53,10 @@ def spec(tiny_model, method, options=None, tp=1, record_dir=None) -> dict:
 def run_tp1_and_tp2(tiny_model, workdir, method, options=None, record_dirs=None) -> dict:
     """The same prompts at TP=1 and TP=2, both engines at once: tp -> output."""
     record_dirs = record_dirs or {1: None, 2: None}
-    with ThreadPoolExecutor(2) as pool:
-        futures = {tp: pool.submit(run_offline, spec(tiny_model, method, options, tp,
-                                                     record_dirs[tp]),
-                                   workdir / f"tp{tp}", env=TP2_ENV if tp == 2 else None)
-                   for tp in (1, 2)}
-        return {tp: f.result() for tp, f in futures.items()}
+    return run_offline_all({
+        1: (spec(tiny_model, method, options, 1, record_dirs[1]), workdir / "tp1"),
+        2: (spec(tiny_model, method, options, 2, record_dirs[2]), workdir / "tp2",
+            {"env": TP2_ENV})})
 
 
 def kept_sets(record_dir, tp_rank):

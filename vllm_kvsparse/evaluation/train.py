@@ -63,20 +63,28 @@ def _batch(processor, samples, with_answer: bool = True):
     return enc
 
 
-def answer_accuracy(model, processor, samples, batch_size: int = 8) -> float:
-    """Teacher-forced: is every answer token (lead-in, word, <|im_end|>) the argmax."""
+def teacher_forced_answers(model, processor, samples, batch_size: int = 8):
+    """Per sample, teacher-forced: (sample, expected answer tokens (lead-in, word, <|im_end|>),
+    the model's argmax at each of them)."""
     import torch
 
-    right = 0
     with torch.no_grad():
         for i in range(0, len(samples), batch_size):
             chunk = samples[i:i + batch_size]
             enc = _batch(processor, chunk)
             labels = enc.pop("labels")
             predicted = model(**enc).logits.argmax(-1)
-            for j in range(len(chunk)):
+            for j, sample in enumerate(chunk):
                 pos = (labels[j] != -100).nonzero()[:, 0]
-                right += int(torch.equal(predicted[j, pos - 1], labels[j, pos]))
+                yield sample, labels[j, pos], predicted[j, pos - 1]
+
+
+def answer_accuracy(model, processor, samples, batch_size: int = 8) -> float:
+    """Teacher-forced: is every answer token (lead-in, word, <|im_end|>) the argmax."""
+    import torch
+
+    right = sum(int(torch.equal(predicted, expected)) for _, expected, predicted
+                in teacher_forced_answers(model, processor, samples, batch_size))
     return right / max(len(samples), 1)
 
 
