@@ -181,6 +181,58 @@ def build(out_dir: str, spec: TinyModelSpec = TinyModelSpec()) -> str:
     return out_dir
 
 
+def add_layer(src_dir: str, out_dir: str, at: int, seed: int = 0) -> str:
+    """Copy a model directory with one more decoder layer inserted at index `at`, initialised
+    to the identity: its output projections (o_proj, down_proj) and biases are zero, so the
+    model answers exactly as before, and its q/k/v/gate/up are N(0, 0.02), so its attention
+    starts near-uniform and gets a gradient on every key (a trained head that puts ~0 weight
+    on some tokens gets ~0 gradient there and does not learn to look at them)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    with open(os.path.join(src_dir, "config.json")) as f:
+        config = json.load(f)
+    text = config["text_config"]
+    n = text["num_hidden_layers"]
+    if not 0 <= at <= n:
+        raise ValueError(f"--add-layer {at}: must be in 0..{n} (the model has {n} layers)")
+    shutil.copytree(src_dir, out_dir, dirs_exist_ok=True)
+    weights = load_file(os.path.join(src_dir, "model.safetensors"))
+    out, template = {}, {}
+    for name, w in weights.items():
+        if name.startswith("model.layers."):
+            i, rest = name.split(".", 3)[2:]
+            out[f"model.layers.{int(i) + (int(i) >= at)}.{rest}"] = w
+            if i == "0":
+                template[rest] = w
+        else:
+            out[name] = w
+    gen = torch.Generator().manual_seed(seed)
+    for rest, w in template.items():
+        if "layernorm" in rest:
+            new = torch.ones_like(w)
+        elif rest.endswith("bias") or rest.startswith(("self_attn.o_proj", "mlp.down_proj")):
+            new = torch.zeros_like(w)
+        else:
+            new = (torch.randn(w.shape, generator=gen) * 0.02).to(w.dtype)
+        out[f"model.layers.{at}.{rest}"] = new
+    save_file(out, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    text.update(num_hidden_layers=n + 1, max_window_layers=n + 1,
+                layer_types=["full_attention"] * (n + 1))
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    spec_path = os.path.join(out_dir, "tiny_model_spec.json")
+    if os.path.isfile(spec_path):
+        with open(spec_path) as f:
+            spec = json.load(f)
+        spec["layers"] = n + 1
+        with open(spec_path, "w") as f:
+            json.dump(spec, f, indent=1, sort_keys=True)
+    return out_dir
+
+
 def _sharpen_attention(model, qk_scale: float) -> None:
     """Scale the language model's q and k projections so logits grow by qk_scale**2 in the
     deepest layer, less in shallower ones: attention becomes peaked, by a different amount per

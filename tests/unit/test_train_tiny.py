@@ -66,3 +66,42 @@ def test_train_tiny_continues_from_a_checkpoint(tmp_path):
     assert any(not torch.equal(wa[k], wc[k]) for k in wa if k not in vision)
     err = _train(tmp_path / "a", "--init", str(tmp_path / "a"), ok=False).stderr
     assert "is OUT_DIR; write the new model elsewhere" in err.strip().splitlines()[-1]
+
+
+def _logits(model_dir, samples):
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    from vllm_kvsparse.evaluation.train import _batch
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    enc = _batch(AutoProcessor.from_pretrained(model_dir), samples)
+    with torch.no_grad():
+        return model.eval()(**enc).logits
+
+
+def test_add_layer_keeps_the_answers_and_trains(tmp_path):
+    from vllm_kvsparse import tiny_model
+    from vllm_kvsparse.evaluation import synthetic
+
+    _train(tmp_path / "a")
+    samples = synthetic.generate(["color", "position"], 2, 0, "test")
+    before = _logits(tmp_path / "a", samples)
+    for at in (0, 1):   # before the trained layer and after it: an identity either way
+        grown = tiny_model.add_layer(str(tmp_path / "a"), str(tmp_path / f"g{at}"), at)
+        cfg = json.loads((tmp_path / f"g{at}" / "config.json").read_text())["text_config"]
+        assert cfg["num_hidden_layers"] == 2 and len(cfg["layer_types"]) == 2
+        w = load_file(tmp_path / f"g{at}" / "model.safetensors")
+        assert torch.count_nonzero(w[f"model.layers.{at}.self_attn.o_proj.weight"]) == 0
+        assert torch.count_nonzero(w[f"model.layers.{at}.self_attn.q_proj.weight"]) > 0
+        assert torch.equal(_logits(grown, samples), before)
+    # train-tiny --add-layer: the same growth, then training; the spec says 2 layers now
+    _train(tmp_path / "c", "--init", str(tmp_path / "a"), "--add-layer", "1")
+    spec = json.loads((tmp_path / "c" / "tiny_model_spec.json").read_text())
+    assert spec["layers"] == 2
+    info = json.loads((tmp_path / "c" / "training.json").read_text())
+    assert info["add_layer"] == 1 and info["init"] == str(tmp_path / "a")
+    for extra, msg in ((["--init", str(tmp_path / "a"), "--add-layer", "2"],
+                        "--add-layer 2: must be in 0..1"),
+                       (["--add-layer", "0"], "--add-layer 0 needs --init")):
+        err = _train(tmp_path / "d", *extra, ok=False).stderr.strip().splitlines()[-1]
+        assert msg in err, err

@@ -91,7 +91,8 @@ def answer_accuracy(model, processor, samples, batch_size: int = 8) -> float:
 def train(out_dir: str, *, steps: int, batch_size: int, lr: float, warmup: int, mix: dict,
           seed: int, threads: int, spec=None, eval_every: int = 0, eval_n: int = 16,
           long_batch_size: int = 2, init: str | None = None, mixed_batches: bool = False,
-          freeze_vision: bool = False, progress: bool = True, log=print) -> dict:
+          freeze_vision: bool = False, add_layer: int | None = None, progress: bool = True,
+          log=print) -> dict:
     import numpy as np
     import torch
     from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
@@ -102,8 +103,11 @@ def train(out_dir: str, *, steps: int, batch_size: int, lr: float, warmup: int, 
     torch.manual_seed(seed)
     spec = spec or tiny_model.TinyModelSpec()
     t_start = time.perf_counter()
+    init_dir = init
     with tempfile.TemporaryDirectory() as tmp:
         if init:   # continue from a checkpoint train-tiny wrote (its spec, not the flags)
+            if add_layer is not None:
+                init = tiny_model.add_layer(init, os.path.join(tmp, "grown"), add_layer, seed)
             with open(os.path.join(init, "tiny_model_spec.json")) as f:
                 spec = tiny_model.TinyModelSpec(**json.load(f))
             tmp = init
@@ -166,7 +170,7 @@ def train(out_dir: str, *, steps: int, batch_size: int, lr: float, warmup: int, 
     with open(os.path.join(out_dir, "tiny_model_spec.json"), "w") as f:
         json.dump(asdict(_replace(spec, dtype="bfloat16", seed=seed)), f, indent=1,
                   sort_keys=True)
-    info = {"init": init, "steps": steps, "mixed_batches": mixed_batches,
+    info = {"init": init_dir, "add_layer": add_layer, "steps": steps, "mixed_batches": mixed_batches,
             "freeze_vision": freeze_vision,
             "stopped_at_step": stopped_at, "batch_size": batch_size,
             "long_batch_size": long_batch_size, "lr": lr, "warmup": warmup, "mix": mix,
@@ -265,6 +269,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--init", default=None, metavar="DIR",
                    help="continue training a checkpoint train-tiny wrote (its architecture; "
                         "the model flags are ignored)")
+    p.add_argument("--add-layer", type=int, default=None, metavar="AT",
+                   help="with --init: insert a new decoder layer at index AT first, "
+                        "initialised to the identity (the model answers as before); AT = the "
+                        "layer count appends it")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -283,6 +291,15 @@ def main(args: argparse.Namespace) -> int:
         if args.init and not os.path.isfile(os.path.join(args.init, "tiny_model_spec.json")):
             raise ValueError(f"--init {args.init}: not a train-tiny checkpoint (no "
                              "tiny_model_spec.json)")
+        if args.add_layer is not None and not args.init:
+            raise ValueError(f"--add-layer {args.add_layer} needs --init (a trained checkpoint "
+                             "to grow); a new model takes --layers")
+        if args.add_layer is not None:
+            with open(os.path.join(args.init, "tiny_model_spec.json")) as f:
+                n = json.load(f)["layers"]
+            if not 0 <= args.add_layer <= n:
+                raise ValueError(f"--add-layer {args.add_layer}: must be in 0..{n} (--init "
+                                 f"{args.init} has {n} layers)")
     except ValueError as e:
         print(f"vllm-kvsparse train-tiny: error: {e}", file=sys.stderr)
         return 2
@@ -290,7 +307,8 @@ def main(args: argparse.Namespace) -> int:
                  warmup=args.warmup, mix=mix, long_batch_size=args.long_batch_size,
                  seed=args.seed, threads=args.threads, spec=spec, eval_every=args.eval_every,
                  init=args.init, mixed_batches=args.mixed_batches,
-                 freeze_vision=args.freeze_vision, progress=not args.no_progress,
+                 freeze_vision=args.freeze_vision, add_layer=args.add_layer,
+                 progress=not args.no_progress,
                  log=lambda m: print(m, file=sys.stderr))
     done = info["stopped_at_step"] or args.steps
     print(f"trained tiny Qwen2-VL written to {args.out_dir} ({done} steps, "
