@@ -86,7 +86,7 @@ def test_dense_accuracy_loyalty_and_random_eviction(run):
     # random evicts 90% of the visual tokens after a dense prefill; the answer word comes after
     # the lead-in "The answer is", over the evicted cache. The image matters: on long_color (the
     # needle is 4 of 1,024 tokens) and overall the accuracy drops (recorded, AMD EPYC: 1.00 ->
-    # 0.62 and 0.925 -> 0.775). Not on every task: which_picture and count keep their answers,
+    # 0.50 and 0.975 -> 0.75). Not on every task: which_picture and count keep their answers,
     # carried by text tokens computed densely before the eviction (docs/eval.md, "Which methods
     # can change the answer").
     r = eps["random"]["overall"]
