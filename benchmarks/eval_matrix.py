@@ -153,8 +153,9 @@ def main() -> int:
                     help="zipvl's scope per run of --taus: all (the paper's: text may be "
                          "dropped) and/or visual (image tokens only, as the other methods)")
     ap.add_argument("--fastv-k", type=int, default=1,
-                    help="FastV's k (default 1: the committed model has 2 layers, and FastV's "
-                         "own default k=2 would prune no layer of it)")
+                    help="FastV's k (default 1: the committed model has 3 layers, so k=1 "
+                         "prunes two of them; FastV's own default k=2 would prune only the "
+                         "last, and none of the 2-layer model this table was first run on)")
     ap.add_argument("--parallel", type=int, default=3, help="configurations served at once")
     ap.add_argument("--quick", action="store_true",
                     help="zipvl 0.975 and random 0.1 on 4 samples of color (smoke run)")
