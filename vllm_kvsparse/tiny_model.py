@@ -181,6 +181,16 @@ def build(out_dir: str, spec: TinyModelSpec = TinyModelSpec()) -> str:
     return out_dir
 
 
+def check_add_layer(model_dir: str, at: int) -> dict:
+    """The model directory's config, if a new layer can go at index `at` (0..layers)."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        config = json.load(f)
+    n = config["text_config"]["num_hidden_layers"]
+    if not 0 <= at <= n:
+        raise ValueError(f"--add-layer {at}: must be in 0..{n} ({model_dir} has {n} layers)")
+    return config
+
+
 def add_layer(src_dir: str, out_dir: str, at: int, seed: int = 0) -> str:
     """Copy a model directory with one more decoder layer inserted at index `at`, initialised
     to the identity: its output projections (o_proj, down_proj) and biases are zero, so the
@@ -192,13 +202,12 @@ def add_layer(src_dir: str, out_dir: str, at: int, seed: int = 0) -> str:
     import torch
     from safetensors.torch import load_file, save_file
 
-    with open(os.path.join(src_dir, "config.json")) as f:
-        config = json.load(f)
+    config = check_add_layer(src_dir, at)
     text = config["text_config"]
     n = text["num_hidden_layers"]
-    if not 0 <= at <= n:
-        raise ValueError(f"--add-layer {at}: must be in 0..{n} (the model has {n} layers)")
-    shutil.copytree(src_dir, out_dir, dirs_exist_ok=True)
+    # everything but the weights, which are written below
+    shutil.copytree(src_dir, out_dir, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("model.safetensors"))
     weights = load_file(os.path.join(src_dir, "model.safetensors"))
     out, template = {}, {}
     for name, w in weights.items():

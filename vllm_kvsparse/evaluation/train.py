@@ -103,14 +103,13 @@ def train(out_dir: str, *, steps: int, batch_size: int, lr: float, warmup: int, 
     torch.manual_seed(seed)
     spec = spec or tiny_model.TinyModelSpec()
     t_start = time.perf_counter()
-    init_dir = init
     with tempfile.TemporaryDirectory() as tmp:
         if init:   # continue from a checkpoint train-tiny wrote (its spec, not the flags)
-            if add_layer is not None:
-                init = tiny_model.add_layer(init, os.path.join(tmp, "grown"), add_layer, seed)
-            with open(os.path.join(init, "tiny_model_spec.json")) as f:
+            source = init if add_layer is None else tiny_model.add_layer(
+                init, os.path.join(tmp, "grown"), add_layer, seed)
+            with open(os.path.join(source, "tiny_model_spec.json")) as f:
                 spec = tiny_model.TinyModelSpec(**json.load(f))
-            tmp = init
+            tmp = source
         else:
             tiny_model.build(tmp, _replace(spec, dtype="float32", seed=seed))
         model = Qwen2VLForConditionalGeneration.from_pretrained(tmp, dtype=torch.float32)
@@ -170,8 +169,8 @@ def train(out_dir: str, *, steps: int, batch_size: int, lr: float, warmup: int, 
     with open(os.path.join(out_dir, "tiny_model_spec.json"), "w") as f:
         json.dump(asdict(_replace(spec, dtype="bfloat16", seed=seed)), f, indent=1,
                   sort_keys=True)
-    info = {"init": init_dir, "add_layer": add_layer, "steps": steps, "mixed_batches": mixed_batches,
-            "freeze_vision": freeze_vision,
+    info = {"init": init, "add_layer": add_layer, "steps": steps,
+            "mixed_batches": mixed_batches, "freeze_vision": freeze_vision,
             "stopped_at_step": stopped_at, "batch_size": batch_size,
             "long_batch_size": long_batch_size, "lr": lr, "warmup": warmup, "mix": mix,
             "seed": seed, "threads": threads, "train_seconds": round(time.perf_counter()
@@ -295,11 +294,7 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"--add-layer {args.add_layer} needs --init (a trained checkpoint "
                              "to grow); a new model takes --layers")
         if args.add_layer is not None:
-            with open(os.path.join(args.init, "tiny_model_spec.json")) as f:
-                n = json.load(f)["layers"]
-            if not 0 <= args.add_layer <= n:
-                raise ValueError(f"--add-layer {args.add_layer}: must be in 0..{n} (--init "
-                                 f"{args.init} has {n} layers)")
+            tiny_model.check_add_layer(args.init, args.add_layer)
     except ValueError as e:
         print(f"vllm-kvsparse train-tiny: error: {e}", file=sys.stderr)
         return 2
