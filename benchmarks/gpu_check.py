@@ -579,7 +579,7 @@ def step_kernel_bench(ctx, rec: Record) -> None:
             rec.skip(f"out of memory: {e}"[:300], n=n)
         except Exception as e:  # noqa: BLE001
             rec.add(n=n, error=f"{type(e).__name__}: {e}"[:2000])
-        kernel_s = sum(r.get("ms", 0) + r.get("copy_ms", 0) + r.get("plan_ms", 0)
+        kernel_s = sum(r.get("ms", 0) + r.get("copy_ms", 0)
                        for r in results) * (warmup + iters) / 1e3
         prev = (n, time.monotonic() - t0, kernel_s)
         if dev.type == "cuda":

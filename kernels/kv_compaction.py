@@ -17,11 +17,11 @@ not make a parallel in-place move safe: a row of an EARLY tile may read a source
 tile overwrites (kept = [0, 5, ...] with 4-row tiles: tile 0 reads position 5, tile 1 writes
 it). Ordering tiles would serialise the copy. Instead rows are split by where their source is:
   * source >= t_r: no move writes there (writes go to [0, t_r)), read it directly;
-  * source <  t_r and != k: "staged": copied first into a small temp buffer (launch 1);
+  * source <  t_r and != k: "staged": copied first into a temp buffer (launch 1);
   * source == k: nothing to do (the untouched prefix, typically the attention sinks).
 Launch 2 then writes every moving row from temp or from a never-written source, so all its
 programs are independent. Extra traffic is only the staged rows (about a fraction t/n of the
-moved ones when kept positions are spread uniformly).
+moved ones when kept positions are spread uniformly). K and V move in the same launches.
 
 CPU layout (vLLM CPU backend): ``[num_blocks, num_kv_heads, block_size, 2*head_dim]`` per layer
 with an ISA-specific element order inside each (block, head) tile, so only WHOLE blocks can be
@@ -52,7 +52,8 @@ def block_and_slot(block_tables: torch.Tensor, request: torch.Tensor, pos: torch
 
 def compaction_plan(kept: torch.Tensor, cu_kept: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per packed row: request id, destination position, source (-1 when the row does not
-    move) and temp index (-1 when the row is not staged). All on kept's device, no sync."""
+    move) and whether it is staged. The Triton kernels compute the same per tile
+    (`_row_plan`); this is their reference."""
     device = kept.device
     cu = cu_kept.to(device).long()
     counts = cu[1:] - cu[:-1]
@@ -63,9 +64,7 @@ def compaction_plan(kept: torch.Tensor, cu_kept: torch.Tensor) -> dict[str, torc
     src = kept.long()
     moves = src != dst
     staged = moves & (src < counts[request])
-    stage_idx = torch.where(staged, torch.cumsum(staged, 0) - 1, -1)
-    return dict(request=request, dst=dst, src=torch.where(moves, src, -1), stage_idx=stage_idx,
-                num_staged=staged.sum())
+    return dict(request=request, dst=dst, src=torch.where(moves, src, -1), staged=staged)
 
 
 def check_compaction_args(block_tables: torch.Tensor, kept: torch.Tensor, cu_kept: torch.Tensor,
@@ -127,92 +126,119 @@ def compact_blocks_reference(kv_cache: torch.Tensor, block_table_row: torch.Tens
 
 
 # ----------------------------------------------------------------------------- Triton
+# The launcher does no torch work on the batch and never syncs with the device: each program
+# derives its rows' plan (`compaction_plan`'s fields) from kept and cu_kept itself, and a
+# staged row goes to temp row = its packed row, so temp needs no prefix sum (and no host-read
+# size). The first H200 runs spent ~0.2-0.5 ms of a 0.4-0.9 ms compaction on the torch plan
+# and the sync, whatever the size (docs/kernels.md, "GPU evidence").
 
 if triton is not None:
+
+    @triton.jit
+    def _row_plan(kept_ptr, cu_ptr, rows, total, num_requests):
+        """`compaction_plan` for a tile of packed rows: (request, src, dst, moving, staged)."""
+        live = rows < total
+        request = tl.zeros_like(rows)
+        for r in range(1, num_requests):      # requests per step are few: count, no search
+            request += (rows >= tl.load(cu_ptr + r)).to(rows.dtype)
+        first = tl.load(cu_ptr + request, mask=live, other=0).to(tl.int64)
+        count = tl.load(cu_ptr + request + 1, mask=live, other=0).to(tl.int64) - first
+        dst = rows - first
+        src = tl.load(kept_ptr + rows, mask=live, other=0).to(tl.int64)
+        moving = live & (src != dst)
+        return request, src, dst, moving, moving & (src < count)
 
     @triton.jit
     def _slot_offsets(bt_ptr, stride_bt, request, pos, mask, block_size, stride_block,
                       stride_slot):
         page = tl.load(bt_ptr + request.to(tl.int64) * stride_bt + pos // block_size, mask=mask,
                        other=0).to(tl.int64)
-        return page * stride_block + (pos % block_size).to(tl.int64) * stride_slot
+        return page * stride_block + (pos % block_size) * stride_slot
 
     @triton.jit
-    def _stage_kernel(cache_ptr, temp_ptr, bt_ptr, request_ptr, src_ptr, stage_ptr,
-                      total, width, block_size, stride_bt, stride_block, stride_slot,
-                      stride_head, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr,
+    def _stage_kernel(k_ptr, v_ptr, temp_ptr, bt_ptr, kept_ptr, cu_ptr, total, num_requests,
+                      width, block_size, stride_bt, stride_block, stride_slot, stride_head,
+                      HEAD_DIM: tl.constexpr, BOTH: tl.constexpr, BLOCK_R: tl.constexpr,
                       BLOCK_W: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        """Launch 1: copy the staged rows' sources (K, and V when BOTH) to temp[row]."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-        col_off = (cols // HEAD_DIM) * stride_head + cols % HEAD_DIM
-        stage = tl.load(stage_ptr + rows, mask=rows < total, other=-1)
-        mask = (rows < total) & (stage >= 0)
-        request = tl.load(request_ptr + rows, mask=mask, other=0)
-        src = tl.load(src_ptr + rows, mask=mask, other=0)
-        offs = _slot_offsets(bt_ptr, stride_bt, request, src, mask, block_size, stride_block,
-                             stride_slot)
-        both = mask[:, None] & (cols[None, :] < width)
-        data = tl.load(cache_ptr + offs[:, None] + col_off[None, :], mask=both)
-        tl.store(temp_ptr + stage.to(tl.int64)[:, None] * width + cols[None, :], data, mask=both)
+        request, src, dst, moving, staged = _row_plan(kept_ptr, cu_ptr, rows, total,
+                                                      num_requests)
+        offs = _slot_offsets(bt_ptr, stride_bt, request, src, staged, block_size, stride_block,
+                             stride_slot)[:, None] + ((cols // HEAD_DIM) * stride_head +
+                                                      cols % HEAD_DIM)[None, :]
+        both = staged[:, None] & (cols[None, :] < width)
+        temp = temp_ptr + rows[:, None] * width + cols[None, :]
+        tl.store(temp, tl.load(k_ptr + offs, mask=both), mask=both)
+        if BOTH:
+            tl.store(temp + total * width, tl.load(v_ptr + offs, mask=both), mask=both)
 
     @triton.jit
-    def _move_kernel(cache_ptr, temp_ptr, bt_ptr, request_ptr, src_ptr, dst_ptr, stage_ptr,
-                     total, width, block_size, stride_bt, stride_block, stride_slot,
-                     stride_head, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr,
+    def _move_kernel(k_ptr, v_ptr, temp_ptr, bt_ptr, kept_ptr, cu_ptr, total, num_requests,
+                     width, block_size, stride_bt, stride_block, stride_slot, stride_head,
+                     HEAD_DIM: tl.constexpr, BOTH: tl.constexpr, BLOCK_R: tl.constexpr,
                      BLOCK_W: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        """Launch 2: every moving row, from temp (staged) or straight from a source no moving
+        row writes, to its destination; programs are independent."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-        col_off = (cols // HEAD_DIM) * stride_head + cols % HEAD_DIM
+        request, src, dst, moving, staged = _row_plan(kept_ptr, cu_ptr, rows, total,
+                                                      num_requests)
+        col_off = ((cols // HEAD_DIM) * stride_head + cols % HEAD_DIM)[None, :]
         col_mask = cols[None, :] < width
-        src = tl.load(src_ptr + rows, mask=rows < total, other=-1)
-        moving = (rows < total) & (src >= 0)
-        stage = tl.load(stage_ptr + rows, mask=moving, other=-1)
-        request = tl.load(request_ptr + rows, mask=moving, other=0)
-        dst = tl.load(dst_ptr + rows, mask=moving, other=0)
-        direct = moving & (stage < 0)
-        src_off = _slot_offsets(bt_ptr, stride_bt, request, src, direct, block_size,
-                                stride_block, stride_slot)
-        from_cache = tl.load(cache_ptr + src_off[:, None] + col_off[None, :],
-                             mask=direct[:, None] & col_mask)
-        from_temp = tl.load(temp_ptr + stage.to(tl.int64)[:, None] * width + cols[None, :],
-                            mask=(stage >= 0)[:, None] & col_mask)
-        data = tl.where(direct[:, None], from_cache, from_temp)
+        direct = (moving & ~staged)[:, None] & col_mask
+        from_temp = staged[:, None] & col_mask
+        src_off = _slot_offsets(bt_ptr, stride_bt, request, src, moving & ~staged, block_size,
+                                stride_block, stride_slot)[:, None] + col_off
         dst_off = _slot_offsets(bt_ptr, stride_bt, request, dst, moving, block_size,
-                                stride_block, stride_slot)
-        tl.store(cache_ptr + dst_off[:, None] + col_off[None, :], data,
-                 mask=moving[:, None] & col_mask)
+                                stride_block, stride_slot)[:, None] + col_off
+        temp = temp_ptr + rows[:, None] * width + cols[None, :]
+        write = moving[:, None] & col_mask
+        data = tl.where(direct, tl.load(k_ptr + src_off, mask=direct),
+                        tl.load(temp, mask=from_temp))
+        tl.store(k_ptr + dst_off, data, mask=write)
+        if BOTH:
+            data = tl.where(direct, tl.load(v_ptr + src_off, mask=direct),
+                            tl.load(temp + total * width, mask=from_temp))
+            tl.store(v_ptr + dst_off, data, mask=write)
 
 
 def compact_kv_triton(key_cache: torch.Tensor, value_cache: torch.Tensor,
                       block_tables: torch.Tensor, kept: torch.Tensor, cu_kept: torch.Tensor,
                       block_r: int = 32, block_w: int = 256) -> None:
-    """Triton version of `compact_kv_reference` (in place). One host sync: the temp size."""
+    """Triton version of `compact_kv_reference` (in place): two launches moving K and V
+    together (four if their strides differ), no torch op on the batch, no host sync. The
+    staging buffer is sized for every row (K and V: 2 * T * Hkv * d elements, freed on
+    return), since only the device knows how many rows stage."""
     if triton is None:
         raise RuntimeError("compact_kv_triton needs triton, which is not importable")
-    if kept.numel() == 0:
+    total = kept.numel()
+    if total == 0:
         return
     device = key_cache.device
-    plan = compaction_plan(kept.to(device), cu_kept)
-    num_staged = int(plan["num_staged"])
-    as_i32 = {k: v.to(torch.int32).contiguous() for k, v in plan.items() if k != "num_staged"}
-    tables = block_tables.to(device=device, dtype=torch.int32)
-    total = kept.numel()
-    for cache in (key_cache, value_cache):
-        cache = _as_bits(cache)     # moves are bit copies: any dtype (bf16, fp8) moves exactly
-        block_size, num_kv_heads, head_dim = cache.shape[1:]
-        if cache.stride(3) != 1:
-            raise ValueError("cache must be contiguous in head_dim")
-        width = num_kv_heads * head_dim
-        temp = torch.empty(max(num_staged, 1), width, dtype=cache.dtype, device=device)
-        grid = (triton.cdiv(total, block_r), triton.cdiv(width, block_w))
-        common = (total, width, block_size, tables.stride(0), cache.stride(0), cache.stride(1),
-                  cache.stride(2))
-        consts = dict(HEAD_DIM=head_dim, BLOCK_R=block_r, BLOCK_W=block_w)
-        if num_staged:
-            _stage_kernel[grid](cache, temp, tables, as_i32["request"], as_i32["src"],
-                                as_i32["stage_idx"], *common, **consts)
-        _move_kernel[grid](cache, temp, tables, as_i32["request"], as_i32["src"], as_i32["dst"],
-                           as_i32["stage_idx"], *common, **consts)
+    kept = kept.to(device).contiguous()
+    cu = cu_kept.to(device).contiguous()
+    tables = block_tables.to(device)
+    k, v = _as_bits(key_cache), _as_bits(value_cache)   # bit copies: bf16, fp8 move exactly
+    if k.shape != v.shape or k.dtype != v.dtype:
+        raise ValueError(f"key cache {tuple(k.shape)} {key_cache.dtype} and value cache "
+                         f"{tuple(v.shape)} {value_cache.dtype} differ")
+    block_size, num_kv_heads, head_dim = k.shape[1:]
+    if k.stride(3) != 1 or v.stride(3) != 1:
+        raise ValueError("caches must be contiguous in head_dim")
+    width = num_kv_heads * head_dim
+    grid = (triton.cdiv(total, block_r), triton.cdiv(width, block_w))
+    pairs = [(k, v)] if k.stride() == v.stride() else [(k, None), (v, None)]
+    temp = torch.empty(2 if len(pairs) == 1 else 1, total, width, dtype=k.dtype, device=device)
+    for first, second in pairs:
+        args = (first, first if second is None else second, temp, tables, kept, cu, total,
+                cu.numel(), width, block_size, tables.stride(0), first.stride(0),
+                first.stride(1), first.stride(2))
+        consts = dict(HEAD_DIM=head_dim, BOTH=second is not None, BLOCK_R=block_r,
+                      BLOCK_W=block_w)
+        _stage_kernel[grid](*args, **consts)
+        _move_kernel[grid](*args, **consts)
 
 
 def _as_bits(cache: torch.Tensor) -> torch.Tensor:

@@ -198,6 +198,9 @@ def bits(t):
     (["all", "protected", "every_other", "random"], [50, 37, 160, 99]),
     (["drop_first", "tail", "none", "random"], [129, 64, 20, 1]),
     (["random"], [2000]),
+    # many requests, empty ones first, last and in between: the kernel finds each row's request
+    (["none", "random", "none", "none", "drop_first", "every_other", "random", "tail", "none",
+      "protected", "random", "none"], [5, 70, 16, 33, 45, 90, 17, 64, 1, 40, 200, 3]),
 ])
 def test_compaction_matches_oracle_bitwise(kinds, lens, dtype):
     key_cache, value_cache, tables, kept, cu = compaction_case(kinds, lens, dtype)
@@ -229,6 +232,20 @@ def test_compaction_on_flash_attention_cache_views(dtype):
         assert torch.equal(bits(v_view), bits(want_v)), impl.__name__
 
 
+def test_compaction_with_key_and_value_strides_differing():
+    """K and V move in the same launches when their strides agree (vLLM's views); otherwise
+    one after the other. Here V is a transposed-layout view, K is contiguous."""
+    key_cache, value_cache, tables, kept, cu = compaction_case(["random", "drop_first"],
+                                                               [150, 61], torch.float16)
+    want_k = compaction_oracle(key_cache, tables, kept, cu)
+    want_v = compaction_oracle(value_cache, tables, kept, cu)
+    v_view = value_cache.transpose(1, 2).contiguous().transpose(1, 2)
+    assert v_view.stride() != key_cache.stride()
+    kv_compaction.compact_kv_triton(key_cache, v_view, tables, kept, cu)
+    assert torch.equal(bits(key_cache), bits(want_k))
+    assert torch.equal(bits(v_view), bits(want_v))
+
+
 def test_compaction_plan_has_no_read_write_hazard():
     """The Triton move phase reads sources straight from the cache only when no moving row
     writes that position; everything else comes from the staging buffer."""
@@ -240,7 +257,7 @@ def test_compaction_plan_has_no_read_write_hazard():
         cu = torch.tensor([0] + torch.tensor([x.numel() for x in kept]).cumsum(0).tolist())
         plan = kv_compaction.compaction_plan(torch.cat(kept).long(), cu)
         moving = plan["src"] >= 0
-        direct = moving & (plan["stage_idx"] < 0)
+        direct = moving & ~plan["staged"]
         reads = set(zip(plan["request"][direct].tolist(), plan["src"][direct].tolist()))
         writes = set(zip(plan["request"][moving].tolist(), plan["dst"][moving].tolist()))
         assert not reads & writes

@@ -4,6 +4,8 @@ vLLM."""
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from vllm_kvsparse import kernels
@@ -35,13 +37,22 @@ def read_flash_kv(kv_cache: torch.Tensor, block_row: torch.Tensor, num_tokens: i
 def compact_in_cache(key_cache: torch.Tensor, value_cache: torch.Tensor,
                      block_table: torch.Tensor, rows, block_size: int) -> None:
     """Move each row's kept prompt tokens before M (sel.indices[:F * block_size]) to the first
-    F blocks of its request, in order, inside the paged cache; one kernel call for the step."""
+    F blocks of its request, in order, inside the paged cache; one kernel call for the step.
+    No host sync: the few host-side integers go up in one pinned, non-blocking copy."""
     moving = [(row, sel) for row, sel in rows if sel.front_blocks < sel.prompt_blocks]
     if not moving:
         return
     device = key_cache.device
     kept = torch.cat([sel.indices[:sel.front_blocks * block_size] for _, sel in moving])
-    counts = [sel.front_blocks * block_size for _, sel in moving]
-    cu_kept = torch.tensor([0] + counts).cumsum(0).to(device)
-    tables = block_table[torch.tensor([row.row for row, _ in moving], device=block_table.device)]
-    kernels.compact_kv(key_cache, value_cache, tables, kept.to(device), cu_kept)
+    cu_kept = list(itertools.accumulate((sel.front_blocks * block_size for _, sel in moving),
+                                        initial=0))
+    ints = _to_device(cu_kept + [row.row for row, _ in moving], device)
+    tables = block_table[ints[len(cu_kept):].long()]
+    kernels.compact_kv(key_cache, value_cache, tables, kept.to(device), ints[:len(cu_kept)])
+
+
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    host = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cuda":      # a pageable copy would wait for the queued attention
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
