@@ -135,11 +135,11 @@ def compact_blocks_reference(kv_cache: torch.Tensor, block_table_row: torch.Tens
 if triton is not None:
 
     @triton.jit
-    def _row_plan(kept_ptr, cu_ptr, rows, total, num_requests):
+    def _row_plan(kept_ptr, cu_ptr, rows, total, num_cu):
         """`compaction_plan` for a tile of packed rows: (request, src, dst, moving, staged)."""
         live = rows < total
         request = tl.zeros_like(rows)
-        for r in range(1, num_requests):      # requests per step are few: count, no search
+        for r in range(1, num_cu):      # cu_kept[1:]: requests per step are few, count them
             request += (rows >= tl.load(cu_ptr + r)).to(rows.dtype)
         first = tl.load(cu_ptr + request, mask=live, other=0).to(tl.int64)
         count = tl.load(cu_ptr + request + 1, mask=live, other=0).to(tl.int64) - first
@@ -156,7 +156,7 @@ if triton is not None:
         return page * stride_block + (pos % block_size) * stride_slot
 
     @triton.jit
-    def _stage_kernel(k_ptr, v_ptr, temp_ptr, bt_ptr, kept_ptr, cu_ptr, total, num_requests,
+    def _stage_kernel(k_ptr, v_ptr, temp_ptr, bt_ptr, kept_ptr, cu_ptr, total, num_cu,
                       width, block_size, stride_bt, stride_block, stride_slot, stride_head,
                       HEAD_DIM: tl.constexpr, BOTH: tl.constexpr, BLOCK_R: tl.constexpr,
                       BLOCK_W: tl.constexpr):
@@ -164,7 +164,7 @@ if triton is not None:
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
         request, src, dst, moving, staged = _row_plan(kept_ptr, cu_ptr, rows, total,
-                                                      num_requests)
+                                                      num_cu)
         offs = _slot_offsets(bt_ptr, stride_bt, request, src, staged, block_size, stride_block,
                              stride_slot)[:, None] + ((cols // HEAD_DIM) * stride_head +
                                                       cols % HEAD_DIM)[None, :]
@@ -175,7 +175,7 @@ if triton is not None:
             tl.store(temp + total * width, tl.load(v_ptr + offs, mask=both), mask=both)
 
     @triton.jit
-    def _move_kernel(k_ptr, v_ptr, temp_ptr, bt_ptr, kept_ptr, cu_ptr, total, num_requests,
+    def _move_kernel(k_ptr, v_ptr, temp_ptr, bt_ptr, kept_ptr, cu_ptr, total, num_cu,
                      width, block_size, stride_bt, stride_block, stride_slot, stride_head,
                      HEAD_DIM: tl.constexpr, BOTH: tl.constexpr, BLOCK_R: tl.constexpr,
                      BLOCK_W: tl.constexpr):
@@ -184,7 +184,7 @@ if triton is not None:
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
         request, src, dst, moving, staged = _row_plan(kept_ptr, cu_ptr, rows, total,
-                                                      num_requests)
+                                                      num_cu)
         col_off = ((cols // HEAD_DIM) * stride_head + cols % HEAD_DIM)[None, :]
         col_mask = cols[None, :] < width
         direct = (moving & ~staged)[:, None] & col_mask

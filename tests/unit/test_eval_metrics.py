@@ -142,7 +142,8 @@ def test_synthetic_suite_is_deterministic_and_answers_are_words():
 
 def test_synthetic_squares_sit_on_the_token_grid():
     """A square covers exactly 2x2 visual tokens; `position`'s squares are two token columns
-    apart at least (left: columns 0-2 of 8, right: 5-7); adding a task keeps every other
+    apart at least (left: columns 0-2 of 8, right: 5-7), `grid`'s also two rows, the asked
+    colour in the named cell; adding a task keeps every other
     task's samples (each task is seeded by its own id)."""
     from vllm_kvsparse.evaluation.attention_map import needle_mask
 
@@ -155,6 +156,15 @@ def test_synthetic_squares_sit_on_the_token_grid():
         cols = sorted({int(c) for c in
                        np.argwhere(needle_mask(s.pil_images()[0], 8, 8).reshape(8, 8))[:, 1]})
         assert len(cols) == 4 and cols[1] <= 2 and cols[2] >= 5, cols
+        s = synthetic.sample("grid", i)
+        (img,) = s.pil_images()
+        mask = needle_mask(img, 8, 8).reshape(8, 8)
+        assert mask.sum() == 16 and not mask[3:5].any() and not mask[:, 3:5].any()
+        row, col = s.question.rstrip("?").split()[-2:]
+        answer = np.argwhere((np.asarray(img) == synthetic.COLORS[s.answers[1]]).all(-1))
+        assert len(answer) == synthetic.SQUARE ** 2
+        assert ((answer[:, 0] >= 112) == (row == "bottom")).all()
+        assert ((answer[:, 1] >= 112) == (col == "right")).all()
         (img,) = synthetic.sample("long_color", i).pil_images()
         assert needle_mask(img, 32, 32).sum() == 4
         s = synthetic.sample("which_picture", i)

@@ -7,6 +7,8 @@ lead-in, "The answer is red."; the word alone is accepted too):
 
   color         one 224x224 image (64 visual tokens), one 56-px square: "What color is the square?"
   position      two squares, one in each half: "What color is the square on the left/right?"
+  grid          four squares, one near each corner (a 2x2 grid of cells): "What color is the
+                square in the top left?" (top/bottom x left/right: the question names the cell)
   count         1-3 squares of one colour: "How many squares are there?" -> one / two / three
   count_color   1-3 squares of one colour and 1-2 of another: "How many red squares are there?"
                 (the question's colour decides which squares count, as in multi_image)
@@ -38,15 +40,16 @@ COLORS = {"red": (220, 30, 30), "green": (30, 190, 40), "blue": (30, 50, 225),
 LEAD_IN = "The answer is"
 COUNT_WORDS = ("one", "two", "three")
 SQUARE = 56
-TASKS = ("color", "position", "count", "multi_image", "which_picture", "count_color", "long_color",
-         "long_multi", "long4k_color")
-SHORT_TASKS = ("color", "position", "count", "multi_image", "which_picture", "count_color")
+TASKS = ("color", "position", "grid", "count", "multi_image", "which_picture", "count_color",
+         "long_color", "long_multi", "long4k_color")
+SHORT_TASKS = ("color", "position", "grid", "count", "multi_image", "which_picture",
+               "count_color")
 LONG_TASKS = ("long_color", "long_multi", "long4k_color")
 _SPLITS = {"train": 0, "test": 1}
 # Each task's stream of samples is seeded by its own id, so adding a task never changes the
 # others' samples (id 0 was a diagnostic task, "side", used while training the committed model).
 _TASK_IDS = {"color": 1, "position": 2, "count": 3, "multi_image": 4, "long_color": 5,
-             "long_multi": 6, "long4k_color": 7, "which_picture": 8, "count_color": 9}
+             "long_multi": 6, "long4k_color": 7, "which_picture": 8, "count_color": 9, "grid": 10}
 
 
 @dataclass
@@ -132,6 +135,25 @@ def _make(task: str, rng) -> tuple[str, list[str], Callable[[], list]]:
             _draw(img, right, c2)
             return [img]
         return (f"What color is the square on the {side}?", [c1 if side == "left" else c2],
+                render)
+    if task == "grid":
+        # as `position`, in both axes: token rows/columns 0-2 and 5-7 of 8, so the four cells'
+        # squares are two tokens apart at least
+        colors = [names[i] for i in rng.permutation(len(names))[:4]]
+        near, far = (0, 28), (140, 224 - SQUARE)
+        cells = [(row, col) for row in ("top", "bottom") for col in ("left", "right")]
+        spots = [_spots(rng, 1, far if col == "right" else near,
+                        far if row == "bottom" else near)[0] for row, col in cells]
+        asked = int(rng.integers(4))
+        bg = int(rng.integers(1 << 31))
+
+        def render():
+            import numpy as np
+            img = _background(np.random.default_rng(bg), 224)
+            for xy, c in zip(spots, colors):
+                _draw(img, xy, c)
+            return [img]
+        return (f"What color is the square in the {' '.join(cells[asked])}?", [colors[asked]],
                 render)
     if task == "count":
         n = int(rng.integers(1, 4))
