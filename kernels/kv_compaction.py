@@ -229,14 +229,12 @@ def compact_kv_triton(key_cache: torch.Tensor, value_cache: torch.Tensor,
         raise ValueError("caches must be contiguous in head_dim")
     width = num_kv_heads * head_dim
     grid = (triton.cdiv(total, block_r), triton.cdiv(width, block_w))
-    pairs = [(k, v)] if k.stride() == v.stride() else [(k, None), (v, None)]
-    temp = torch.empty(2 if len(pairs) == 1 else 1, total, width, dtype=k.dtype, device=device)
-    for first, second in pairs:
-        args = (first, first if second is None else second, temp, tables, kept, cu, total,
-                cu.numel(), width, block_size, tables.stride(0), first.stride(0),
-                first.stride(1), first.stride(2))
-        consts = dict(HEAD_DIM=head_dim, BOTH=second is not None, BLOCK_R=block_r,
-                      BLOCK_W=block_w)
+    both = k.stride() == v.stride()        # one stride set serves both: move them together
+    temp = torch.empty(2 if both else 1, total, width, dtype=k.dtype, device=device)
+    consts = dict(HEAD_DIM=head_dim, BOTH=both, BLOCK_R=block_r, BLOCK_W=block_w)
+    for first, second in [(k, v)] if both else [(k, k), (v, v)]:   # second unused unless BOTH
+        args = (first, second, temp, tables, kept, cu, total, cu.numel(), width, block_size,
+                tables.stride(0), first.stride(0), first.stride(1), first.stride(2))
         _stage_kernel[grid](*args, **consts)
         _move_kernel[grid](*args, **consts)
 
