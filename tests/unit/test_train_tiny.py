@@ -100,8 +100,18 @@ def test_add_layer_keeps_the_answers_and_trains(tmp_path):
     assert spec["layers"] == 2
     info = json.loads((tmp_path / "c" / "training.json").read_text())
     assert info["add_layer"] == 1 and info["init"] == str(tmp_path / "a")
+    # --train-layers: only the grown layer learns, every other weight keeps its bytes
+    _train(tmp_path / "e", "--init", str(tmp_path / "g1"), "--train-layers", "1")
+    wg, we = (load_file(tmp_path / d / "model.safetensors") for d in ("g1", "e"))
+    changed = {k for k in wg if not torch.equal(wg[k], we[k])}
+    assert changed and all(k.startswith("model.layers.1.") for k in changed), changed
+    assert json.loads((tmp_path / "e" / "training.json").read_text())["train_layers"] == [1]
     for extra, msg in ((["--init", str(tmp_path / "a"), "--add-layer", "2"],
                         "--add-layer 2: must be in 0..1"),
-                       (["--add-layer", "0"], "--add-layer 0 needs --init")):
+                       (["--add-layer", "0"], "--add-layer 0 needs --init"),
+                       (["--init", str(tmp_path / "a"), "--add-layer", "1", "--train-layers",
+                         "2"], "--train-layers 2: expected comma-separated layer indices in "
+                               "0..1"),
+                       (["--train-layers", "x"], "--train-layers x: expected")):
         err = _train(tmp_path / "d", *extra, ok=False).stderr.strip().splitlines()[-1]
         assert msg in err, err

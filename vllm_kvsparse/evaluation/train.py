@@ -91,8 +91,8 @@ def answer_accuracy(model, processor, samples, batch_size: int = 8) -> float:
 def train(out_dir: str, *, steps: int, batch_size: int, lr: float, warmup: int, mix: dict,
           seed: int, threads: int, spec=None, eval_every: int = 0, eval_n: int = 16,
           long_batch_size: int = 2, init: str | None = None, mixed_batches: bool = False,
-          freeze_vision: bool = False, add_layer: int | None = None, progress: bool = True,
-          log=print) -> dict:
+          freeze_vision: bool = False, add_layer: int | None = None,
+          train_layers: list[int] | None = None, progress: bool = True, log=print) -> dict:
     import numpy as np
     import torch
     from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
@@ -119,6 +119,10 @@ def train(out_dir: str, *, steps: int, batch_size: int, lr: float, warmup: int, 
         # is most of a long prompt's step.
         if freeze_vision:
             model.model.visual.requires_grad_(False)
+        if train_layers is not None:   # only these decoder layers learn; the rest keep
+            model.requires_grad_(False)  # exactly what they answered before
+            for i in train_layers:
+                model.model.language_model.layers[i].requires_grad_(True)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                                 weight_decay=0.01, betas=(0.9, 0.98))
         sched = torch.optim.lr_scheduler.LambdaLR(
@@ -171,6 +175,7 @@ def train(out_dir: str, *, steps: int, batch_size: int, lr: float, warmup: int, 
                   sort_keys=True)
     info = {"init": init, "add_layer": add_layer, "steps": steps,
             "mixed_batches": mixed_batches, "freeze_vision": freeze_vision,
+            "train_layers": train_layers,
             "stopped_at_step": stopped_at, "batch_size": batch_size,
             "long_batch_size": long_batch_size, "lr": lr, "warmup": warmup, "mix": mix,
             "seed": seed, "threads": threads, "train_seconds": round(time.perf_counter()
@@ -272,8 +277,23 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="with --init: insert a new decoder layer at index AT first, "
                         "initialised to the identity (the model answers as before); AT = the "
                         "layer count appends it")
+    p.add_argument("--train-layers", default=None, metavar="L,L...",
+                   help="train only these decoder layers (indices after --add-layer); the "
+                        "vision encoder, embeddings, other layers and head stay frozen")
     p.add_argument("--no-progress", action="store_true")
     return p
+
+
+def parse_layers(text: str, num_layers: int) -> list[int]:
+    """'3,4' -> [3, 4]; each index must name one of the model's `num_layers` layers."""
+    try:
+        layers = sorted({int(x) for x in text.split(",")})
+    except ValueError:
+        layers = []
+    if not layers or not all(0 <= i < num_layers for i in layers):
+        raise ValueError(f"--train-layers {text}: expected comma-separated layer indices in "
+                         f"0..{num_layers - 1}")
+    return layers
 
 
 def main(args: argparse.Namespace) -> int:
@@ -293,8 +313,12 @@ def main(args: argparse.Namespace) -> int:
         if args.add_layer is not None and not args.init:
             raise ValueError(f"--add-layer {args.add_layer} needs --init (a trained checkpoint "
                              "to grow); a new model takes --layers")
-        if args.add_layer is not None:
-            tiny_model.check_add_layer(args.init, args.add_layer)
+        num_layers = spec.layers
+        if args.init:   # the checkpoint's layers, plus the grown one
+            num_layers = (tiny_model.check_add_layer(args.init, args.add_layer or 0)
+                          ["text_config"]["num_hidden_layers"] + (args.add_layer is not None))
+        train_layers = (None if args.train_layers is None
+                        else parse_layers(args.train_layers, num_layers))
     except ValueError as e:
         print(f"vllm-kvsparse train-tiny: error: {e}", file=sys.stderr)
         return 2
@@ -303,7 +327,7 @@ def main(args: argparse.Namespace) -> int:
                  seed=args.seed, threads=args.threads, spec=spec, eval_every=args.eval_every,
                  init=args.init, mixed_batches=args.mixed_batches,
                  freeze_vision=args.freeze_vision, add_layer=args.add_layer,
-                 progress=not args.no_progress,
+                 train_layers=train_layers, progress=not args.no_progress,
                  log=lambda m: print(m, file=sys.stderr))
     done = info["stopped_at_step"] or args.steps
     print(f"trained tiny Qwen2-VL written to {args.out_dir} ({done} steps, "
