@@ -99,7 +99,11 @@ def test_add_layer_keeps_the_answers_and_trains(tmp_path):
     spec = json.loads((tmp_path / "c" / "tiny_model_spec.json").read_text())
     assert spec["layers"] == 2
     info = json.loads((tmp_path / "c" / "training.json").read_text())
-    assert info["add_layer"] == 1 and info["init"] == str(tmp_path / "a")
+    assert info["add_layer"] == [1] and info["init"] == str(tmp_path / "a")
+    # two layers grown in one go (1, then 2 of the grown model), and trained
+    _train(tmp_path / "f", "--init", str(tmp_path / "a"), "--add-layer", "1,2",
+           "--train-layers", "1,2")
+    assert json.loads((tmp_path / "f" / "tiny_model_spec.json").read_text())["layers"] == 3
     # --train-layers: only the grown layer learns, every other weight keeps its bytes
     _train(tmp_path / "e", "--init", str(tmp_path / "g1"), "--train-layers", "1")
     wg, we = (load_file(tmp_path / d / "model.safetensors") for d in ("g1", "e"))
@@ -112,6 +116,8 @@ def test_add_layer_keeps_the_answers_and_trains(tmp_path):
                        (["--init", str(tmp_path / "a"), "--add-layer", "1", "--train-layers",
                          "2"], "--train-layers 2: expected comma-separated layer indices in "
                                "0..1"),
-                       (["--train-layers", "x"], "--train-layers x: expected")):
+                       (["--train-layers", "x"], "--train-layers x: expected"),
+                       (["--init", str(tmp_path / "a"), "--add-layer", "1,3"],
+                        "--add-layer 1,3: 3 must be in 0..2")):
         err = _train(tmp_path / "d", *extra, ok=False).stderr.strip().splitlines()[-1]
         assert msg in err, err

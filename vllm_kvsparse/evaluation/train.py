@@ -91,7 +91,7 @@ def answer_accuracy(model, processor, samples, batch_size: int = 8) -> float:
 def train(out_dir: str, *, steps: int, batch_size: int, lr: float, warmup: int, mix: dict,
           seed: int, threads: int, spec=None, eval_every: int = 0, eval_n: int = 16,
           long_batch_size: int = 2, init: str | None = None, mixed_batches: bool = False,
-          freeze_vision: bool = False, add_layer: int | None = None,
+          freeze_vision: bool = False, add_layer: list[int] | None = None,
           train_layers: list[int] | None = None, progress: bool = True, log=print) -> dict:
     import numpy as np
     import torch
@@ -105,8 +105,10 @@ def train(out_dir: str, *, steps: int, batch_size: int, lr: float, warmup: int, 
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         if init:   # continue from a checkpoint train-tiny wrote (its spec, not the flags)
-            source = init if add_layer is None else tiny_model.add_layer(
-                init, os.path.join(tmp, "grown"), add_layer, seed)
+            source = init
+            for k, at in enumerate(add_layer or []):   # each grown layer its own draw
+                source = tiny_model.add_layer(source, os.path.join(tmp, f"grown{k}"), at,
+                                              seed + k)
             with open(os.path.join(source, "tiny_model_spec.json")) as f:
                 spec = tiny_model.TinyModelSpec(**json.load(f))
             tmp = source
@@ -273,15 +275,22 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--init", default=None, metavar="DIR",
                    help="continue training a checkpoint train-tiny wrote (its architecture; "
                         "the model flags are ignored)")
-    p.add_argument("--add-layer", type=int, default=None, metavar="AT",
+    p.add_argument("--add-layer", default=None, metavar="AT[,AT...]",
                    help="with --init: insert a new decoder layer at index AT first, "
                         "initialised to the identity (the model answers as before); AT = the "
-                        "layer count appends it")
+                        "layer count appends it; 3,4 inserts at 3, then at 4 of the grown model")
     p.add_argument("--train-layers", default=None, metavar="L,L...",
                    help="train only these decoder layers (indices after --add-layer); the "
                         "vision encoder, embeddings, other layers and head stay frozen")
     p.add_argument("--no-progress", action="store_true")
     return p
+
+
+def _parse_add_layer(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--add-layer {text}: expected a layer index AT or AT,AT,...") from None
 
 
 def parse_layers(text: str, num_layers: int) -> list[int]:
@@ -313,10 +322,16 @@ def main(args: argparse.Namespace) -> int:
         if args.add_layer is not None and not args.init:
             raise ValueError(f"--add-layer {args.add_layer} needs --init (a trained checkpoint "
                              "to grow); a new model takes --layers")
+        add_layer = None if args.add_layer is None else _parse_add_layer(args.add_layer)
         num_layers = spec.layers
-        if args.init:   # the checkpoint's layers, plus the grown one
-            num_layers = (tiny_model.check_add_layer(args.init, args.add_layer or 0)
-                          ["text_config"]["num_hidden_layers"] + (args.add_layer is not None))
+        if args.init:   # the checkpoint's layers, plus the grown ones
+            num_layers = tiny_model.check_add_layer(args.init, (add_layer or [0])[0])[
+                "text_config"]["num_hidden_layers"]
+            for at in add_layer or []:
+                if not 0 <= at <= num_layers:
+                    raise ValueError(f"--add-layer {args.add_layer}: {at} must be in "
+                                     f"0..{num_layers} (the model has {num_layers} layers then)")
+                num_layers += 1
         train_layers = (None if args.train_layers is None
                         else parse_layers(args.train_layers, num_layers))
     except ValueError as e:
@@ -326,7 +341,7 @@ def main(args: argparse.Namespace) -> int:
                  warmup=args.warmup, mix=mix, long_batch_size=args.long_batch_size,
                  seed=args.seed, threads=args.threads, spec=spec, eval_every=args.eval_every,
                  init=args.init, mixed_batches=args.mixed_batches,
-                 freeze_vision=args.freeze_vision, add_layer=args.add_layer,
+                 freeze_vision=args.freeze_vision, add_layer=add_layer,
                  train_layers=train_layers, progress=not args.no_progress,
                  log=lambda m: print(m, file=sys.stderr))
     done = info["stopped_at_step"] or args.steps
