@@ -181,14 +181,17 @@ def build(out_dir: str, spec: TinyModelSpec = TinyModelSpec()) -> str:
     return out_dir
 
 
-def check_add_layer(model_dir: str, at: int) -> dict:
-    """The model directory's config, if a new layer can go at index `at` (0..layers)."""
+def grown_layer_count(model_dir: str, ats: list[int]) -> int:
+    """The model's decoder layer count after a new layer is inserted at each index of `ats` in
+    turn; each must be in 0..the count at that point (the count itself appends)."""
     with open(os.path.join(model_dir, "config.json")) as f:
-        config = json.load(f)
-    n = config["text_config"]["num_hidden_layers"]
-    if not 0 <= at <= n:
-        raise ValueError(f"--add-layer {at}: must be in 0..{n} ({model_dir} has {n} layers)")
-    return config
+        n = json.load(f)["text_config"]["num_hidden_layers"]
+    for at in ats:
+        if not 0 <= at <= n:
+            raise ValueError(f"--add-layer {','.join(map(str, ats))}: {at} must be in 0..{n} "
+                             f"(the model has {n} layers at that point)")
+        n += 1
+    return n
 
 
 def add_layer(src_dir: str, out_dir: str, at: int, seed: int = 0) -> str:
@@ -202,7 +205,9 @@ def add_layer(src_dir: str, out_dir: str, at: int, seed: int = 0) -> str:
     import torch
     from safetensors.torch import load_file, save_file
 
-    config = check_add_layer(src_dir, at)
+    grown_layer_count(src_dir, [at])
+    with open(os.path.join(src_dir, "config.json")) as f:
+        config = json.load(f)
     text = config["text_config"]
     n = text["num_hidden_layers"]
     # everything but the weights, which are written below

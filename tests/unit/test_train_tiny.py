@@ -111,7 +111,7 @@ def test_add_layer_keeps_the_answers_and_trains(tmp_path):
     assert changed and all(k.startswith("model.layers.1.") for k in changed), changed
     assert json.loads((tmp_path / "e" / "training.json").read_text())["train_layers"] == [1]
     for extra, msg in ((["--init", str(tmp_path / "a"), "--add-layer", "2"],
-                        "--add-layer 2: must be in 0..1"),
+                        "--add-layer 2: 2 must be in 0..1"),
                        (["--add-layer", "0"], "--add-layer 0 needs --init"),
                        (["--init", str(tmp_path / "a"), "--add-layer", "1", "--train-layers",
                          "2"], "--train-layers 2: expected comma-separated layer indices in "

@@ -286,20 +286,19 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def _parse_add_layer(text: str) -> list[int]:
+def parse_indices(flag: str, text: str) -> list[int]:
+    """'3,4' -> [3, 4] (in the given order), or a ValueError naming the flag and its value."""
     try:
         return [int(x) for x in text.split(",")]
     except ValueError:
-        raise ValueError(f"--add-layer {text}: expected a layer index AT or AT,AT,...") from None
+        raise ValueError(f"{flag} {text}: expected a layer index or comma-separated indices "
+                         "(3,4)") from None
 
 
 def parse_layers(text: str, num_layers: int) -> list[int]:
     """'3,4' -> [3, 4]; each index must name one of the model's `num_layers` layers."""
-    try:
-        layers = sorted({int(x) for x in text.split(",")})
-    except ValueError:
-        layers = []
-    if not layers or not all(0 <= i < num_layers for i in layers):
+    layers = sorted(set(parse_indices("--train-layers", text)))
+    if not all(0 <= i < num_layers for i in layers):
         raise ValueError(f"--train-layers {text}: expected comma-separated layer indices in "
                          f"0..{num_layers - 1}")
     return layers
@@ -322,16 +321,10 @@ def main(args: argparse.Namespace) -> int:
         if args.add_layer is not None and not args.init:
             raise ValueError(f"--add-layer {args.add_layer} needs --init (a trained checkpoint "
                              "to grow); a new model takes --layers")
-        add_layer = None if args.add_layer is None else _parse_add_layer(args.add_layer)
-        num_layers = spec.layers
-        if args.init:   # the checkpoint's layers, plus the grown ones
-            num_layers = tiny_model.check_add_layer(args.init, (add_layer or [0])[0])[
-                "text_config"]["num_hidden_layers"]
-            for at in add_layer or []:
-                if not 0 <= at <= num_layers:
-                    raise ValueError(f"--add-layer {args.add_layer}: {at} must be in "
-                                     f"0..{num_layers} (the model has {num_layers} layers then)")
-                num_layers += 1
+        add_layer = (None if args.add_layer is None
+                     else parse_indices("--add-layer", args.add_layer))
+        num_layers = (tiny_model.grown_layer_count(args.init, add_layer or []) if args.init
+                      else spec.layers)   # the checkpoint's layers, plus the grown ones
         train_layers = (None if args.train_layers is None
                         else parse_layers(args.train_layers, num_layers))
     except ValueError as e:
