@@ -1,7 +1,7 @@
 """Accuracy of every `--kv-sparsity` method at several budgets on one model: the method x budget
 table of docs/eval.md, each configuration a real `vllm serve`, scored by `vllm-kvsparse eval`.
 
-    python benchmarks/eval_matrix.py --out benchmarks/results/eval_matrix     # ~66 min on 2 cores
+    python benchmarks/eval_matrix.py --out benchmarks/results/eval_matrix     # ~75 min on 2 cores
     python benchmarks/eval_matrix.py --quick --out /tmp/em                    # smoke run
     python benchmarks/eval_matrix.py --merge RUN_DIR RUN_DIR ... --out DIR     # one table
 
@@ -142,8 +142,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(MODEL))
     # the tasks the committed model answers (tests/fixtures/tiny-qwen2vl-vqa/README.md)
-    ap.add_argument("--dataset", default="synthetic:color,position,count,which_picture,long_color,"
-                    "long4k_color")
+    ap.add_argument("--dataset", default="synthetic:color,position,grid,count,which_picture,"
+                    "long_color,long4k_color")
     ap.add_argument("--limit", type=int, default=8, help="samples per task")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--methods", default=",".join(METHOD_NAMES))
