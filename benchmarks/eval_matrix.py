@@ -44,7 +44,7 @@ SERVE = ["--dtype", "bfloat16", "--max-model-len", "8192", "--max-num-seqs", "4"
 
 
 def configurations(methods: list[str], budgets: list[float], taus: list[float],
-                   fastv_k: int = 1, zipvl_scopes: tuple[str, ...] = ("all",)) -> dict:
+                   fastv_k: int = 2, zipvl_scopes: tuple[str, ...] = ("all",)) -> dict:
     """name -> the `vllm serve` flags of that configuration (dense not included). Names have
     no "=": they are eval's endpoint names (NAME=URL). zipvl runs once per tau and scope:
     "all" (the paper's, and the default: question text may be dropped too) and "visual" (only
@@ -152,10 +152,10 @@ def main() -> int:
     ap.add_argument("--zipvl-scopes", default="all,visual",
                     help="zipvl's scope per run of --taus: all (the paper's: text may be "
                          "dropped) and/or visual (image tokens only, as the other methods)")
-    ap.add_argument("--fastv-k", type=int, default=1,
-                    help="FastV's k (default 1: the committed model has 3 layers, so k=1 "
-                         "prunes two of them; FastV's own default k=2 would prune only the "
-                         "last, and none of the 2-layer model this table was first run on)")
+    ap.add_argument("--fastv-k", type=int, default=2,
+                    help="FastV's k (default 2, FastV's own: on the committed 5-layer model "
+                         "it prunes after layer 2, so layers 2-4 attend over the kept tokens; "
+                         "the 3-layer model's table used k=1)")
     ap.add_argument("--parallel", type=int, default=3, help="configurations served at once")
     ap.add_argument("--quick", action="store_true",
                     help="zipvl 0.975 and random 0.1 on 4 samples of color (smoke run)")

@@ -185,7 +185,11 @@ def grown_layer_count(model_dir: str, ats: list[int]) -> int:
     """The model's decoder layer count after a new layer is inserted at each index of `ats` in
     turn; each must be in 0..the count at that point (the count itself appends)."""
     with open(os.path.join(model_dir, "config.json")) as f:
-        n = json.load(f)["text_config"]["num_hidden_layers"]
+        return _check_growth(json.load(f)["text_config"]["num_hidden_layers"], ats)
+
+
+def _check_growth(n: int, ats: list[int]) -> int:
+    """`grown_layer_count` on a model of `n` layers: raises on the first index out of range."""
     for at in ats:
         if not 0 <= at <= n:
             raise ValueError(f"--add-layer {','.join(map(str, ats))}: {at} must be in 0..{n} "
@@ -205,11 +209,11 @@ def add_layer(src_dir: str, out_dir: str, at: int, seed: int = 0) -> str:
     import torch
     from safetensors.torch import load_file, save_file
 
-    grown_layer_count(src_dir, [at])
     with open(os.path.join(src_dir, "config.json")) as f:
         config = json.load(f)
     text = config["text_config"]
     n = text["num_hidden_layers"]
+    _check_growth(n, [at])
     # everything but the weights, which are written below
     shutil.copytree(src_dir, out_dir, dirs_exist_ok=True,
                     ignore=shutil.ignore_patterns("model.safetensors"))
