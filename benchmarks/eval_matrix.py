@@ -153,9 +153,9 @@ def main() -> int:
                     help="zipvl's scope per run of --taus: all (the paper's: text may be "
                          "dropped) and/or visual (image tokens only, as the other methods)")
     ap.add_argument("--fastv-k", type=int, default=2,
-                    help="FastV's k (default 2, FastV's own: on the committed 5-layer model "
-                         "it prunes after layer 2, so layers 2-4 attend over the kept tokens; "
-                         "the 3-layer model's table used k=1)")
+                    help="FastV's k (default 2, FastV's own: layers 0-1 dense, layer 1 "
+                         "scores, layers 2-4 of the committed 5-layer model attend over the "
+                         "kept tokens; the 3-layer model's table used k=1)")
     ap.add_argument("--parallel", type=int, default=3, help="configurations served at once")
     ap.add_argument("--quick", action="store_true",
                     help="zipvl 0.975 and random 0.1 on 4 samples of color (smoke run)")
