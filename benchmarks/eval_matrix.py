@@ -1,7 +1,7 @@
 """Accuracy of every `--kv-sparsity` method at several budgets on one model: the method x budget
 table of docs/eval.md, each configuration a real `vllm serve`, scored by `vllm-kvsparse eval`.
 
-    python benchmarks/eval_matrix.py --out benchmarks/results/eval_matrix     # ~75 min on 2 cores
+    python benchmarks/eval_matrix.py --out benchmarks/results/eval_matrix     # ~60 min on 2 cores
     python benchmarks/eval_matrix.py --quick --out /tmp/em                    # smoke run
     python benchmarks/eval_matrix.py --merge RUN_DIR RUN_DIR ... --out DIR     # one table
 
