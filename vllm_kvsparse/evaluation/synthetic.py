@@ -20,6 +20,9 @@ lead-in, "The answer is red."; the word alone is accepted too):
   long_multi    four 448x448 images (4 x 256 = 1,024 visual tokens), "Which picture ..." -> 1-4
   long4k_color  four 896x896 images (4,096 visual tokens), one square in one of them
 
+`multi_image`, `count_color` and `long_multi` need the question's colour to choose among several
+squares; the committed tiny model does not answer them (docs/eval.md: open research tasks).
+
 Why the lead-in: the eviction methods prefill densely and evict afterwards, so a one-word answer
 would be the first generated token, decided before anything is evicted. After the lead-in the
 word is generated over the evicted cache, so those methods' budgets show in the accuracy.
