@@ -8,13 +8,13 @@ features, 80/20 split, held-out accuracy) for:
   word -> colour      the question's colour word, at that word's own position
   answer -> colour    the question's colour, at the position that predicts the answer digit
 
-and, at the last layer, "word -> colour" again with the five colour words' input-embedding rows
-scaled by --scales (how much of the word a larger embedding row carries through the frozen
-layers; a diagnostic, not a training recipe).
+and, at the last layer, "word -> colour" and "answer -> colour" again with the five colour
+words' input-embedding rows scaled by --scales (how much of the word a larger embedding row
+carries through the frozen layers; a diagnostic, not a training recipe).
 
     python benchmarks/colour_word_probe.py --out /tmp/probe            # the committed model
 
-About 3 min on 2 EPYC cores. Output: a table and OUT/probe.json. Chance: square -> picture
+About 3.5 min with --threads 1 on an AMD EPYC (600 samples). Output: a table and OUT/probe.json. Chance: square -> picture
 ~0.35 (2-4 pictures), the colour probes 0.2.
 """
 
