@@ -14,8 +14,8 @@ carries through the frozen layers; a diagnostic, not a training recipe).
 
     python benchmarks/colour_word_probe.py --out /tmp/probe            # the committed model
 
-About 3.5 min with --threads 1 on an AMD EPYC (600 samples). Output: a table and OUT/probe.json. Chance: square -> picture
-~0.35 (2-4 pictures), the colour probes 0.2.
+About 3.5 min with --threads 1 on an AMD EPYC (600 samples). Output: a table and
+OUT/probe.json. Chance: square -> picture ~0.35 (2-4 pictures), the colour probes 0.2.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from vllm_kvsparse.evaluation import synthetic  # noqa: E402
 from vllm_kvsparse.evaluation.train import _batch  # noqa: E402
 
 MODEL = common.REPO / "tests" / "fixtures" / "tiny-qwen2vl-vqa"
-MERGED = 28          # pixels per merged visual token (patch 14, merge 2)
 
 
 def square_cells(sample) -> list[tuple[str, int]]:
@@ -44,8 +43,9 @@ def square_cells(sample) -> list[tuple[str, int]]:
         colour, mask = max(((c, (np.abs(pixels - rgb).sum(-1) == 0))
                             for c, rgb in synthetic.COLORS.items()), key=lambda cm: cm[1].sum())
         ys, xs = np.nonzero(mask)
-        per_row = pixels.shape[1] // MERGED
-        out.append((colour, int(ys.mean()) // MERGED * per_row + int(xs.mean()) // MERGED))
+        per_row = pixels.shape[1] // synthetic.CELL
+        out.append((colour, int(ys.mean()) // synthetic.CELL * per_row
+                    + int(xs.mean()) // synthetic.CELL))
     return out
 
 
@@ -67,8 +67,9 @@ def linear_probe(x, y, seed: int = 0) -> float:
         return (net(x[split:]).argmax(-1) == y[split:]).float().mean().item()
 
 
-def collect(model, batches, samples, image_token_id: int):
-    """Per layer: residuals at the squares, the colour word and the answer position."""
+def collect(model, batches, samples, colour_ids: list[int], image_token_id: int):
+    """Per layer: residuals at the squares, the colour word (the last of `colour_ids`, the
+    colour words' tokens, before the answer) and the answer position."""
     import torch
 
     layers = model.model.language_model.layers
@@ -85,10 +86,12 @@ def collect(model, batches, samples, image_token_id: int):
                 sample, cells = samples[k]
                 k += 1
                 pos = (labels[j] != -100).nonzero()[:, 0]
-                # labels: the lead-in, the digit, ".", <|im_end|>; the chat template puts
-                # " square?<|im_end|>\n<|im_start|>assistant\n" (10 tokens) after the colour
-                answer_at, word_at = int(pos[-3]) - 1, int(pos[0]) - 11
-                images = (enc["input_ids"][j] == image_token_id).nonzero()[:, 0]
+                ids = enc["input_ids"][j]
+                # labels: the lead-in, the digit, ".", <|im_end|>
+                answer_at = int(pos[-3]) - 1
+                word_at = int(torch.isin(ids[:pos[0]], torch.tensor(colour_ids))
+                              .nonzero()[-1, 0])
+                images = (ids == image_token_id).nonzero()[:, 0]
                 per_image = len(images) // len(cells)
                 for i in range(len(layers)):
                     h = outputs[i][j]
@@ -129,19 +132,21 @@ def main() -> int:
     for i in range(0, len(raw), 8):
         enc = _batch(processor, raw[i:i + 8])
         batches.append((enc, enc.pop("labels")))
-    squares, words, answers = collect(model, batches, samples, model.config.image_token_id)
+    rows_ids = [tok.encode(" " + c)[0] for c in names]
+    squares, words, answers = collect(model, batches, samples, rows_ids,
+                                      model.config.image_token_id)
     per_layer = [{"layer": i, "square_picture": linear_probe(squares[i], picture),
                   "word_colour": linear_probe(words[i], asked),
                   "answer_colour": linear_probe(answers[i], asked)}
                  for i in range(len(squares))]
 
-    rows_ids = [tok.encode(" " + c)[0] for c in names]
     emb = model.model.language_model.embed_tokens.weight
     original = emb.data[rows_ids].clone()
     scaled = []
     for scale in (float(s) for s in args.scales.split(",")):
         emb.data[rows_ids] = original * scale
-        _, words_s, answers_s = collect(model, batches, samples, model.config.image_token_id)
+        _, words_s, answers_s = collect(model, batches, samples, rows_ids,
+                                        model.config.image_token_id)
         scaled.append({"scale": scale, "word_colour": linear_probe(words_s[-1], asked),
                        "answer_colour": linear_probe(answers_s[-1], asked)})
     emb.data[rows_ids] = original

@@ -25,9 +25,10 @@ def test_square_cells_name_each_pictures_square_and_its_token(probe):
         asked = next(n for n in synthetic.COLORS if f" {n} square" in sample.question)
         assert [c for c, _ in cells].index(asked) + 1 == int(sample.answers[1])
         for (colour, cell), img in zip(cells, images):
-            per_row = img.size[0] // probe.MERGED
+            per_row = img.size[0] // synthetic.CELL
             row, col = divmod(cell, per_row)
-            centre = np.asarray(img)[row * probe.MERGED + 14, col * probe.MERGED + 14]
+            half = synthetic.CELL // 2
+            centre = np.asarray(img)[row * synthetic.CELL + half, col * synthetic.CELL + half]
             assert tuple(centre) == synthetic.COLORS[colour]   # the token lies on the square
 
 
